@@ -1,0 +1,41 @@
+"""The Typer application. Command modules are imported here; torch is imported only inside command bodies."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from dpruner import __version__
+from dpruner.cli import analyze as analyze_cmd
+
+app = typer.Typer(
+    name="dpruner",
+    help="Make trained PyTorch CNNs smaller and faster by structured (filter/channel) pruning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("analyze", help=analyze_cmd.HELP)(analyze_cmd.analyze)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"dpruner {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """Exit codes: 0 ok, 1 target not met, 2 bad input or usage, 3 verification failed (docs/exit-codes.md)."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,38 @@
+"""Where output goes: results on stdout (Rich, or exactly one JSON document with --json), everything else on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+
+
+WIDTH_WHEN_PIPED = 160  # Rich would wrap at 80 columns when stdout is a file or pipe; tables are wider
+
+
+def stdout_console() -> Console:
+    """Console for human-readable results: the terminal's width, or WIDTH_WHEN_PIPED when redirected."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=WIDTH_WHEN_PIPED)
+    return console
+
+
+def stderr_console() -> Console:
+    """Console for progress, notes and warnings (keeps stdout clean for --json)."""
+    return Console(stderr=True)
+
+
+def emit_json(document: dict) -> None:
+    """Write one JSON document to stdout (plain text: no Rich markup, no line wrapping)."""
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (K, M, G, T)."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}" if float(n).is_integer() else f"{n:.3g}{unit}"
