@@ -237,3 +237,18 @@ def test_completely_wrong_arch_names_only_the_first_keys(tmp_path):
         load_model(tmp_path / "w.pt", arch=ARCH)
     message = str(info.value)
     assert "more" in message and len(message) < 600 and "\n" not in message
+
+
+def test_safetensors_file(tmp_path):
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    (tmp_path / "m.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0\0\0")
+    with pytest.raises(CheckpointError, match="safetensors file"):
+        load_model(tmp_path / "m.safetensors")
+
+
+def test_import_dpruner_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, dpruner; assert 'torch' not in sys.modules; assert callable(dpruner.load_model)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
