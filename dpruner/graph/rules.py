@@ -1,0 +1,588 @@
+"""The op rules table: how each module type, function and tensor method maps channel labels from inputs to outputs.
+
+A rule returns the output's labelling (a Chan, an Opaque, a tuple of them for multi-output ops, or None for
+non-tensors) and records couplings (union of atoms), slots and pad sites on the builder. Anything not in these tables
+is handled by Builder.unknown: its channels become unprunable, with the node's name as the reason. Rules check their
+assumptions (e.g. the channel axis is dim 1 for a conv) and fall back to unknown when they do not hold.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpruner.graph.atoms import Chan, Opaque, ParamRef
+
+
+def _arg(node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _ndim(b, arg) -> int | None:
+    shape = b.shape(arg)
+    return None if shape is None else len(shape)
+
+
+def _input(b, node, index: int = 0, name: str = "input"):
+    arg = _arg(node, index, name)
+    return arg, b.val(arg)
+
+
+def _layer_input(b, node, axis: int, what: str):
+    """The input of a layer as a Chan on `axis`: unknown layouts become fresh unprunable channels."""
+    arg, value = _input(b, node)
+    if isinstance(value, Chan):
+        return value
+    return b.as_chan(value, arg, axis, f"{node.name}: {what} reads a tensor of unknown channel layout")
+
+
+# ---- pass-through ------------------------------------------------------------------------------------------------
+
+
+def passthrough(b, node, *_):
+    """Element-wise on each position (activations, dropout, clone, dtype casts): labels unchanged."""
+    value = b.val(node.args[0]) if node.args else b.val(next(iter(node.kwargs.values()), None))
+    if isinstance(value, ParamRef):
+        return b.unknown(node, "element-wise op on a parameter")
+    return value
+
+
+def spatial(b, node, *_):
+    """Pooling/upsampling over the trailing two dims: channels must lie before them."""
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return x
+    ndim = _ndim(b, arg)
+    if ndim is None or x.axis >= ndim - 2:
+        return b.unknown(node, "spatial op over the channel dim")
+    return x
+
+
+def no_tensor(b, node, *_):
+    """Ops that return shapes, sizes or nothing (size(), dim(), torch._assert)."""
+    return None
+
+
+def compare(b, node):
+    """==, <, ... : on Python numbers (shape checks) nothing; on tensors an op we do not prune through."""
+    if b.shape(node) is None:
+        return None
+    return b.unknown(node, "comparison of tensors")
+
+
+# ---- layers ------------------------------------------------------------------------------------------------------
+
+
+def conv(b, node, name: str, m: nn.Module):
+    """Conv/ConvTranspose: input channels are consumed, output channels produced. With groups > 1, every channel of
+    a group, input and output side, forms one class: grouped convs lose whole groups (depthwise: one channel each),
+    which keeps `groups` consistent."""
+    x = _layer_input(b, node, 1, type(m).__name__)
+    if x is None or x.axis != 1 or len(x) != m.in_channels:
+        return b.unknown(node, f"{type(m).__name__} input channels are not on dim 1")
+    b.slot(name, "in", x.atoms)
+    out = b.producer(name, m.out_channels)
+    if m.groups > 1:
+        ig, og = m.in_channels // m.groups, m.out_channels // m.groups
+        for g in range(m.groups):
+            b.atoms.union_all(np.concatenate([x.atoms[g * ig : (g + 1) * ig], out[g * og : (g + 1) * og]]))
+    return Chan(1, out)
+
+
+def linear(b, node, name: str, m: nn.Linear):
+    """Linear acts on the last dim: consumes it when channels are there; otherwise channels pass through."""
+    arg, value = _input(b, node)
+    ndim = _ndim(b, arg)
+    if ndim is None:
+        return b.unknown(node, "Linear on a non-tensor")
+    if isinstance(value, Chan) and value.axis != ndim - 1:
+        return value
+    x = _layer_input(b, node, -1, "Linear")
+    if len(x) != m.in_features:
+        return b.unknown(node, "Linear input size does not match its in_features")
+    b.slot(name, "in", x.atoms)
+    return Chan(ndim - 1, b.producer(name, m.out_features))
+
+
+def batchnorm(b, node, name: str, m: nn.Module):
+    """BatchNorm/InstanceNorm: per-channel parameters and running statistics on dim 1."""
+    x = _layer_input(b, node, 1, type(m).__name__)
+    if x is None or x.axis != 1 or len(x) != m.num_features:
+        return b.unknown(node, f"{type(m).__name__} on a tensor whose channels are not on dim 1")
+    if m.affine or m.track_running_stats:
+        b.slot(name, "norm", x.atoms)
+    return x
+
+
+def groupnorm(b, node, name: str, m: nn.GroupNorm):
+    """GroupNorm normalises within groups of channels: each group is one class (whole groups are removed)."""
+    x = _layer_input(b, node, 1, "GroupNorm")
+    if x is None or x.axis != 1 or len(x) != m.num_channels:
+        return b.unknown(node, "GroupNorm on a tensor whose channels are not on dim 1")
+    size = m.num_channels // m.num_groups
+    for g in range(m.num_groups):
+        b.atoms.union_all(x.atoms[g * size : (g + 1) * size])
+    b.slot(name, "norm", x.atoms)
+    return x
+
+
+def layernorm(b, node, name: str, m: nn.LayerNorm):
+    """LayerNorm over the channel dim only (ConvNeXt, transformers): per-channel weight and bias are sliced."""
+    arg, value = _input(b, node)
+    ndim = _ndim(b, arg)
+    if ndim is None:
+        return b.unknown(node, "LayerNorm on a non-tensor")
+    first_normalized = ndim - len(m.normalized_shape)
+    if isinstance(value, Chan) and value.axis < first_normalized:
+        return value
+    if len(m.normalized_shape) != 1:
+        return b.unknown(node, "LayerNorm over several dims")
+    x = _layer_input(b, node, -1, "LayerNorm")
+    if x.axis != ndim - 1:
+        return b.unknown(node, "LayerNorm over the channel dim and others together")
+    if m.elementwise_affine:
+        b.slot(name, "norm", x.atoms)
+    return x
+
+
+def prelu(b, node, name: str, m: nn.PReLU):
+    arg, value = _input(b, node)
+    if m.num_parameters == 1:
+        return value
+    x = _layer_input(b, node, 1, "PReLU")
+    if x is None or x.axis != 1:
+        return b.unknown(node, "PReLU on a tensor whose channels are not on dim 1")
+    b.slot(name, "norm", x.atoms)
+    return x
+
+
+def flatten_module(b, node, name: str, m: nn.Flatten):
+    return _flatten(b, node, node.args[0], m.start_dim, m.end_dim)
+
+
+def softmax_module(b, node, name: str, m: nn.Module):
+    return _softmax(b, node, m.dim)
+
+
+# ---- element-wise binary ops with broadcasting -------------------------------------------------------------------
+
+
+def binary(b, node):
+    """x (+ - * /) y with broadcasting. Operands whose channels line up on the output's channel axis are coupled
+    position by position (a residual add merges its producers; SE's x * scale couples the scale's producer). A
+    parameter of full channel size (x * self.scale, x + self.pos_embedding) is sliced with the channels; a constant
+    or opaque operand of full channel size pins the channels (they cannot be removed)."""
+    out_shape = b.shape(node)
+    if out_shape is None:
+        return None  # arithmetic on Python numbers or sizes
+    ndim = len(out_shape)
+    operands = []
+    for arg in (_arg(node, 0, "input"), _arg(node, 1, "other")):
+        value = b.val(arg)
+        shape = b.shape(arg) if hasattr(arg, "meta") else None
+        if isinstance(value, ParamRef):
+            shape = value.shape
+        operands.append((value, shape))
+    axis, atoms = None, None
+    for value, shape in operands:
+        if isinstance(value, Chan) and shape is not None:
+            mapped = value.axis + ndim - len(shape)
+            if shape[value.axis] == out_shape[mapped]:
+                axis, atoms = mapped, value.atoms
+                break
+    if axis is None:
+        for value, _ in operands:
+            if isinstance(value, Chan):
+                b.atoms.block(value.atoms, f"{node.name}: broadcast against a tensor of unknown layout")
+        if any(isinstance(v, (Chan, Opaque, ParamRef)) for v, _ in operands):
+            return Opaque(f"{node.name}: element-wise op without tracked channels")
+        return None
+    size = out_shape[axis]
+    for value, shape in operands:
+        if shape is None:
+            continue  # a Python scalar
+        offset = ndim - len(shape)
+        own = axis - offset  # this operand's dim that lands on the output channel axis
+        width = shape[own] if 0 <= own < len(shape) else 1
+        if isinstance(value, Chan):
+            if value.axis + offset != axis:
+                if shape[value.axis] != 1:
+                    return b.unknown(node, "operands carry channels on different dims")
+                continue
+            if width == size:
+                b.atoms.union_pairwise(atoms, value.atoms)
+        elif isinstance(value, ParamRef):
+            if width == size and size > 1:
+                module, param = b.param_ref(value)
+                b.slot(module, "param", atoms, param=param, dim=own)
+        elif width == size and size > 1:
+            b.atoms.block(atoms, f"{node.name}: combined with a tensor of full channel size that cannot be sliced")
+    return Chan(axis, atoms)
+
+
+# ---- joining and splitting ---------------------------------------------------------------------------------------
+
+
+def cat(b, node):
+    """torch.cat: on the channel dim the labels are concatenated (DenseNet, Inception); on any other dim the
+    inputs' channels are coupled position by position."""
+    tensors = _arg(node, 0, "tensors")
+    dim = _arg(node, 1, "dim", 0)
+    values = [b.val(t) for t in tensors]
+    ndim = _ndim(b, node)
+    if ndim is None or not all(isinstance(v, Chan) for v in values):
+        return b.unknown(node, "cat with tensors of unknown channel layout")
+    dim %= ndim
+    axes = {v.axis for v in values}
+    if len(axes) != 1:
+        return b.unknown(node, "cat of tensors with channels on different dims")
+    axis = axes.pop()
+    if dim == axis:
+        return Chan(axis, np.concatenate([v.atoms for v in values]))
+    for v in values[1:]:
+        if len(v) != len(values[0]):
+            return b.unknown(node, "cat of tensors with different channel counts")
+        b.atoms.union_pairwise(values[0].atoms, v.atoms)
+    return values[0]
+
+
+def stack(b, node):
+    tensors = _arg(node, 0, "tensors")
+    dim = _arg(node, 1, "dim", 0)
+    values = [b.val(t) for t in tensors]
+    ndim = _ndim(b, node)
+    if ndim is None or not all(isinstance(v, Chan) for v in values) or len({v.axis for v in values}) != 1:
+        return b.unknown(node, "stack of tensors of unknown channel layout")
+    dim %= ndim
+    for v in values[1:]:
+        b.atoms.union_pairwise(values[0].atoms, v.atoms)
+    axis = values[0].axis
+    return Chan(axis + 1 if dim <= axis else axis, values[0].atoms)
+
+
+def split(b, node):
+    """chunk/split/tensor_split: on the channel dim each piece gets its share of the labels."""
+    arg, x = _input(b, node)
+    metas = node.meta.get("tensor_meta")
+    if metas is None or hasattr(metas, "shape"):
+        return b.unknown(node, "split without shape information")
+    if not isinstance(x, Chan):
+        return tuple(x for _ in metas)
+    dim = _arg(node, 2, "dim", 0) % _ndim(b, arg)
+    if dim != x.axis:
+        return tuple(x for _ in metas)
+    pieces, start = [], 0
+    for meta in metas:
+        n = tuple(meta.shape)[dim]
+        pieces.append(Chan(x.axis, x.atoms[start : start + n]))
+        start += n
+    return tuple(pieces)
+
+
+def getitem(b, node):
+    """Picking an output of a multi-output op, or indexing a tensor (basic slicing only)."""
+    base = b.val(node.args[0])
+    index = node.args[1]
+    if base is None or isinstance(base, Opaque):
+        return base
+    if isinstance(base, (tuple, list)):
+        if isinstance(index, (int, slice)):
+            return base[index]
+        return b.unknown(node, "indexing a tuple with a computed index")
+    if isinstance(base, ParamRef):
+        return b.unknown(node, "indexing a parameter")
+    items = index if isinstance(index, tuple) else (index,)
+    in_ndim = _ndim(b, node.args[0])
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    expanded: list = []
+    for item in items:
+        if item is Ellipsis:
+            expanded.extend([slice(None)] * (in_ndim - consumed))
+        else:
+            expanded.append(item)
+    in_dim, out_dim = 0, 0
+    for item in expanded:
+        if item is None:
+            out_dim += 1
+            continue
+        if isinstance(item, slice):
+            if in_dim == base.axis:
+                if any(isinstance(v, torch.fx.Node) for v in (item.start, item.stop, item.step)):
+                    return b.unknown(node, "slicing the channel dim with computed bounds")
+                return Chan(out_dim, base.atoms[item])
+            in_dim += 1
+            out_dim += 1
+            continue
+        if isinstance(item, int) and in_dim != base.axis:
+            in_dim += 1
+            continue
+        return b.unknown(node, "indexing the channel dim with an integer or a tensor")
+    # the channel axis lies after every indexed dim
+    return Chan(base.axis - in_dim + out_dim, base.atoms)
+
+
+def pad(b, node):
+    """F.pad: zero channels added on the channel dim (CIFAR ResNet option-A shortcut) get 'zero' atoms; pruning
+    shrinks the padding with the channels they are added to."""
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return x
+    widths = _arg(node, 1, "pad")
+    mode = _arg(node, 2, "mode", "constant")
+    ndim = _ndim(b, arg)
+    k = ndim - 1 - x.axis  # pad pairs run from the last dim backwards
+    if 2 * k + 1 >= len(widths):
+        return x
+    before, after = widths[2 * k], widths[2 * k + 1]
+    if not (isinstance(before, int) and isinstance(after, int)) or mode != "constant" or before < 0 or after < 0:
+        return b.unknown(node, "pad of the channel dim that is not constant, or crops it")
+    zb, za = b.atoms.new(before, "zero"), b.atoms.new(after, "zero")
+    b.pad_site(node, zb, za)
+    return Chan(x.axis, np.concatenate([zb, x.atoms, za]))
+
+
+# ---- shape ops ---------------------------------------------------------------------------------------------------
+
+
+def _flatten(b, node, arg, start: int, end: int):
+    x = b.val(arg)
+    shape = b.shape(arg)
+    if not isinstance(x, Chan) or shape is None:
+        return x
+    ndim = len(shape)
+    if ndim == 0:
+        return x
+    start, end = start % ndim, end % ndim
+    if x.axis < start:
+        return x
+    if x.axis > end:
+        return Chan(x.axis - (end - start), x.atoms)
+    # Each channel becomes a block of features: the position of every flattened element names its channel.
+    coords = np.arange(shape[x.axis]).reshape([-1 if d == x.axis else 1 for d in range(start, end + 1)])
+    block = np.broadcast_to(coords, shape[start : end + 1]).reshape(-1)
+    return Chan(start, x.atoms[block])
+
+
+def flatten_fn(b, node):
+    return _flatten(b, node, node.args[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+
+
+def reshape(b, node):
+    """view/reshape: fine when the channel dim survives whole, or merges with the dims after it (flatten);
+    anything that splits or mixes it (channel shuffle) is unknown."""
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return x
+    in_shape, out_shape = b.shape(arg), b.shape(node)
+    if in_shape is None or out_shape is None:
+        return b.unknown(node, "reshape without shape information")
+    pre = math.prod(in_shape[: x.axis])
+    size = in_shape[x.axis]
+    for k in range(len(out_shape)):
+        if math.prod(out_shape[:k]) != pre:
+            continue
+        if out_shape[k] == size:
+            return Chan(k, x.atoms)
+        trailing = 1
+        for d in range(x.axis + 1, len(in_shape) + 1):
+            if out_shape[k] == size * trailing:
+                return Chan(k, np.repeat(x.atoms, trailing))
+            if d < len(in_shape):
+                trailing *= in_shape[d]
+    return b.unknown(node, f"reshape {list(in_shape)} -> {list(out_shape)} splits or mixes the channel dim")
+
+
+def permute(b, node):
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return x
+    dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    ndim = len(dims)
+    dims = [d % ndim for d in dims]
+    return Chan(dims.index(x.axis), x.atoms)
+
+
+def transpose(b, node):
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return x
+    ndim = _ndim(b, arg)
+    d0, d1 = _arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim
+    axis = d1 if x.axis == d0 else d0 if x.axis == d1 else x.axis
+    return Chan(axis, x.atoms)
+
+
+def unsqueeze(b, node):
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return x
+    dim = _arg(node, 1, "dim") % _ndim(b, node)
+    return Chan(x.axis + 1 if dim <= x.axis else x.axis, x.atoms)
+
+
+def squeeze(b, node):
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return x
+    in_shape = b.shape(arg)
+    dims = _arg(node, 1, "dim")
+    if dims is None:
+        dims = [d for d, s in enumerate(in_shape) if s == 1]
+    elif isinstance(dims, int):
+        dims = [dims]
+    dims = {d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1}
+    if x.axis in dims:
+        return b.unknown(node, "squeeze of a one-channel dim")
+    return Chan(x.axis - sum(1 for d in dims if d < x.axis), x.atoms)
+
+
+def reduce(b, node):
+    """mean/sum/amax/... over dims that do not include the channel dim (global pooling written as x.mean((2, 3)))."""
+    arg, x = _input(b, node)
+    meta = node.meta.get("tensor_meta")
+    pair = meta is not None and not hasattr(meta, "shape")  # max/min with a dim return (values, indices)
+    if not isinstance(x, Chan):
+        return (x, x) if pair else x
+    in_shape = b.shape(arg)
+    dims = _arg(node, 1, "dim")
+    keepdim = _arg(node, 2, "keepdim", False)
+    if dims is None:
+        return b.unknown(node, "reduction over all dims, channels included")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = {d % len(in_shape) for d in dims}
+    if x.axis in dims:
+        return b.unknown(node, "reduction over the channel dim")
+    out = Chan(x.axis if keepdim else x.axis - sum(1 for d in dims if d < x.axis), x.atoms)
+    return (out, out) if pair else out
+
+
+def _softmax(b, node, dim):
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return x
+    if dim is None or dim % _ndim(b, arg) == x.axis:
+        return b.unknown(node, "softmax over the channel dim")
+    return x
+
+
+def softmax(b, node):
+    return _softmax(b, node, _arg(node, 1, "dim"))
+
+
+def layer_norm_fn(b, node):
+    """F.layer_norm(x, normalized_shape, weight, bias): as the LayerNorm module, with the parameters read by
+    get_attr (torchvision's LayerNorm2d traces into this)."""
+    arg, value = _input(b, node)
+    ndim = _ndim(b, arg)
+    normalized = _arg(node, 1, "normalized_shape")
+    params = [b.val(_arg(node, 2, "weight")), b.val(_arg(node, 3, "bias"))]
+    if isinstance(value, Chan) and value.axis < ndim - len(normalized):
+        return value
+    x = _layer_input(b, node, -1, "layer_norm")
+    if len(normalized) != 1 or x.axis != ndim - 1:
+        return b.unknown(node, "layer_norm over the channel dim and others together")
+    for ref in params:
+        if isinstance(ref, ParamRef):
+            module, param = b.param_ref(ref)
+            if isinstance(b.modules.get(module), nn.LayerNorm):
+                b.slot(module, "norm", x.atoms)  # surgery also updates normalized_shape
+            else:
+                b.slot(module, "param", x.atoms, param=param, dim=0)
+    return x
+
+
+# ---- tables ------------------------------------------------------------------------------------------------------
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.Threshold, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+)
+_SPATIAL_MODULES = (
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+    nn.ConstantPad2d,
+)
+
+MODULE_RULES: dict = {
+    nn.Conv1d: conv, nn.Conv2d: conv, nn.Conv3d: conv,
+    nn.ConvTranspose1d: conv, nn.ConvTranspose2d: conv, nn.ConvTranspose3d: conv,
+    nn.Linear: linear,
+    nn.modules.batchnorm._BatchNorm: batchnorm,
+    nn.modules.instancenorm._InstanceNorm: batchnorm,
+    nn.GroupNorm: groupnorm,
+    nn.LayerNorm: layernorm,
+    nn.PReLU: prelu,
+    nn.Flatten: flatten_module,
+    nn.Softmax: softmax_module,
+    nn.LogSoftmax: softmax_module,
+    **{cls: passthrough for cls in _ELEMENTWISE_MODULES},
+    **{cls: spatial for cls in _SPATIAL_MODULES},
+}
+
+_ELEMENTWISE_FUNCTIONS = (
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.hardtanh, F.hardtanh_, F.leaky_relu, F.elu, F.selu, F.celu,
+    F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.softplus,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.exp, torch.abs, torch.neg, operator.neg,
+    torch.clamp, torch.clip, torch.erf, torch.sqrt, torch.rsqrt, torch.square, F.logsigmoid, torch.nn.functional.threshold,
+)
+_SPATIAL_FUNCTIONS = (
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d, F.interpolate,
+    F.upsample, F.upsample_nearest, F.upsample_bilinear, torch.max_pool2d, torch.adaptive_avg_pool1d,
+)
+
+FUNCTION_RULES: dict = {
+    **{fn: passthrough for fn in _ELEMENTWISE_FUNCTIONS},
+    **{fn: spatial for fn in _SPATIAL_FUNCTIONS},
+    operator.add: binary, operator.sub: binary, operator.mul: binary, operator.truediv: binary,
+    operator.iadd: binary, operator.isub: binary, operator.imul: binary, operator.itruediv: binary,
+    torch.add: binary, torch.sub: binary, torch.mul: binary, torch.div: binary, torch.maximum: binary,
+    torch.minimum: binary,
+    operator.floordiv: binary, operator.mod: binary,
+    torch.cat: cat, torch.concat: cat, torch.concatenate: cat, torch.stack: stack,
+    torch.chunk: split, torch.split: split, torch.tensor_split: split,
+    operator.getitem: getitem,
+    F.pad: pad,
+    torch.flatten: flatten_fn,
+    torch.reshape: reshape,
+    torch.permute: permute, torch.transpose: transpose, torch.swapaxes: transpose,
+    torch.unsqueeze: unsqueeze, torch.squeeze: squeeze,
+    torch.mean: reduce, torch.sum: reduce, torch.amax: reduce, torch.amin: reduce,
+    F.softmax: softmax, torch.softmax: softmax, F.log_softmax: softmax,
+    F.layer_norm: layer_norm_fn,
+    builtins.getattr: no_tensor, torch._assert: no_tensor,
+    **{op: compare for op in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
+}
+
+try:  # torchvision's fx-wrapped helpers appear as call_function nodes
+    import torchvision.ops
+
+    FUNCTION_RULES[torchvision.ops.stochastic_depth] = passthrough
+except Exception:  # torchvision missing or broken: its models cannot be built either
+    pass
+
+METHOD_RULES: dict = {
+    **{m: passthrough for m in (
+        "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "detach", "float", "half",
+        "double", "to", "type", "type_as", "clamp", "clamp_", "clamp_min", "clamp_max", "exp", "abs", "neg", "sqrt",
+        "square", "hardtanh_")},
+    **{m: binary for m in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "__add__", "__mul__")},
+    "chunk": split, "split": split, "tensor_split": split,
+    "flatten": flatten_fn,
+    "view": reshape, "reshape": reshape,
+    "permute": permute, "transpose": transpose, "swapaxes": transpose,
+    "unsqueeze": unsqueeze, "squeeze": squeeze,
+    "mean": reduce, "sum": reduce, "amax": reduce, "amin": reduce,
+    "softmax": softmax,
+    "size": no_tensor, "dim": no_tensor, "numel": no_tensor,
+}
