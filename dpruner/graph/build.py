@@ -42,6 +42,7 @@ class PadSite:
 
     owner: str
     order: int
+    pair: int  # index of the (before, after) pair in F.pad's `pad` argument that pads the channel dim
     before: np.ndarray
     after: np.ndarray
     node: str
@@ -114,14 +115,18 @@ class Builder:
             self.atoms.block(atoms, f"{module}: called with different channel counts")
             self.atoms.block(old.atoms, f"{module}: called with different channel counts")
 
-    def pad_site(self, node: fx.Node, before: np.ndarray, after: np.ndarray) -> None:
+    def pad_site(self, node: fx.Node, pair: int, before: np.ndarray, after: np.ndarray) -> None:
         owner = owner_of(node)
         order = self._pad_counter.get(owner, 0)
         self._pad_counter[owner] = order + 1
         key = (owner, order)
         old = self.pads.get(key)
         if old is None:
-            self.pads[key] = PadSite(owner, order, before, after, node.name)
+            self.pads[key] = PadSite(owner, order, pair, before, after, node.name)
+            if not owner:  # surgery rewrites the pad by replacing its owner module, and the root cannot be replaced
+                reason = f"{node.name}: F.pad on the channel dim in the root module's forward cannot be rewritten"
+                self.atoms.block(before, reason)
+                self.atoms.block(after, reason)
         else:  # the same call site seen again (a second call of the module, or the other trace mode)
             self.atoms.union_pairwise(old.before, before)
             self.atoms.union_pairwise(old.after, after)

@@ -345,7 +345,7 @@ def pad(b, node):
     if not (isinstance(before, int) and isinstance(after, int)) or mode != "constant" or before < 0 or after < 0:
         return b.unknown(node, "pad of the channel dim that is not constant, or crops it")
     zb, za = b.atoms.new(before, "zero"), b.atoms.new(after, "zero")
-    b.pad_site(node, zb, za)
+    b.pad_site(node, k, zb, za)
     return Chan(x.axis, np.concatenate([zb, x.atoms, za]))
 
 

@@ -1,0 +1,1 @@
+"""Pruning methods: planners and schedules that compose criteria (one-shot ratio/sparsity now)."""

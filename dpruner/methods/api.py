@@ -1,0 +1,194 @@
+"""`dpruner.prune`: one-shot, data-free structured pruning to a ratio or a sparsity (the call `dpruner prune` wraps)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpruner.criteria import get_criterion
+from dpruner.errors import InputError
+from dpruner.graph.build import DependencyGraph, build_graph
+from dpruner.graph.groups import ChannelIndex, channel_groups
+from dpruner.methods.cost import build_cost_model
+from dpruner.methods.oneshot import Allocation, search, select
+from dpruner.metrics.macs import count_macs, count_params
+from dpruner.surgery.plan import apply_plan, make_plan
+from dpruner.surgery.views import group_tensors
+
+TARGETS = ("macs", "params")
+RATIO_TOLERANCE = 0.05  # the achieved ratio must be within 5% of the requested one
+MAX_CORRECTIONS = 6
+
+
+@dataclass
+class PruneResult:
+    """What prune() did. `model` is the caller's model object, now pruned in place."""
+
+    model: nn.Module
+    plan: dict
+    before: dict
+    after: dict
+    ratio: dict
+    target: str
+    requested: dict
+    target_met: bool
+    method: str
+    allocation: str
+    groups: list[dict] = field(default_factory=list)
+    unprunable: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "before": self.before, "after": self.after, "ratio": self.ratio, "target": self.target,
+            "requested": self.requested, "target_met": self.target_met, "method": self.method,
+            "allocation": self.allocation, "groups": self.groups, "unprunable": self.unprunable,
+        }
+
+
+def analyze_groups(model: nn.Module, example: torch.Tensor, *, exclude: Iterable[str] = (),
+                   leaf_modules: Iterable[type] = ()) -> tuple[DependencyGraph, ChannelIndex]:
+    """Build the dependency graph and its channel groups (what `analyze` reports as coupling)."""
+    graph = build_graph(model, example, leaf_modules=tuple(leaf_modules))
+    return graph, channel_groups(graph, exclude=tuple(exclude))
+
+
+def score_groups(model: nn.Module, graph: DependencyGraph, index: ChannelIndex, method: str,
+                 seed: int = 0) -> dict[int, np.ndarray]:
+    """Criterion scores of every prunable group's channels."""
+    criterion = get_criterion(method)
+    scores = {}
+    for group in index.groups:
+        if group.prunable:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + group.id)
+            view = group_tensors(model, graph, index, group, generator)
+            scores[group.id] = criterion(view).detach().double().numpy()
+    return scores
+
+
+def _measure(model: nn.Module, example: torch.Tensor) -> dict:
+    return {"params": count_params(model), "macs": count_macs(model, example).total}
+
+
+def prune(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    ratio: float | None = None,
+    sparsity: float | None = None,
+    target: str = "macs",
+    method: str = "l2",
+    allocation: str = "uniform",
+    exclude: Iterable[str] = (),
+    round_to: int = 1,
+    max_fraction: float = 0.9,
+    seed: int = 0,
+    leaf_modules: Iterable[type] = (),
+) -> PruneResult:
+    """Prune `model` in place so that `target` shrinks by `ratio` (e.g. 2.0: at most half the MACs), or remove
+    `sparsity` (a fraction) of every group's channels. Channels are ranked by `method` (see dpruner.criteria).
+    The final classifier's outputs and the network input are never pruned; `exclude` protects layers by fnmatch
+    pattern. Returns a PruneResult with the plan (plain data) and measured before/after params and MACs."""
+    if (ratio is None) == (sparsity is None):
+        raise InputError("Give exactly one of --ratio and --sparsity.")
+    if ratio is not None and ratio <= 1:
+        raise InputError(f"--ratio must be greater than 1 (e.g. 2x), got {ratio:g}.")
+    if sparsity is not None and not 0 < sparsity < 1:
+        raise InputError(f"--sparsity must lie strictly between 0 and 1, got {sparsity:g}.")
+    if target not in TARGETS:
+        raise InputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'.")
+    alloc = Allocation(allocation, max_fraction, round_to)
+    get_criterion(method)  # fail on a bad name before any work
+    was_training = model.training
+    model.eval()
+    try:
+        base_macs = count_macs(model, example_input)
+        before = {"params": count_params(model), "macs": base_macs.total}
+        graph, index = analyze_groups(model, example_input, exclude=exclude, leaf_modules=leaf_modules)
+        scores = score_groups(model, graph, index, method, seed)
+        if sparsity is not None:
+            level = sparsity if alloc.kind == "uniform" else _global_quantile(scores, sparsity)
+            plan = make_plan(graph, index, index.roots[select(index, scores, alloc, level)])
+            after = _measure(apply_plan(copy.deepcopy(model), plan), example_input)
+            met = True
+        else:
+            cost = build_cost_model(model, graph, index, base_macs.by_module, base_macs.total)
+            plan, after, met = _search_ratio(model, example_input, graph, index, scores, alloc, cost, target,
+                                             before[target] / ratio)
+        apply_plan(model, plan)
+    finally:
+        model.train(was_training)
+    return PruneResult(
+        model=model,
+        plan=plan,
+        before=before,
+        after=after,
+        ratio={k: before[k] / max(after[k], 1) for k in TARGETS},
+        target=target,
+        requested={"ratio": ratio, "sparsity": sparsity},
+        target_met=met,
+        method=method,
+        allocation=allocation,
+        groups=_group_summaries(index, plan, graph),
+        unprunable=[{"layers": g.layers, "channels": len(g), "reasons": g.reasons[:5]}
+                    for g in index.groups if not g.prunable and _has_layer_channels(g, graph)],
+    )
+
+
+def _global_quantile(scores: dict[int, np.ndarray], sparsity: float) -> float:
+    normalized = np.concatenate([s / max(float(np.mean(s)), 1e-12) for s in scores.values()] or [np.zeros(1)])
+    return float(np.quantile(normalized, sparsity))
+
+
+def _search_ratio(model, example, graph, index, scores, alloc, cost, target, goal):
+    """Bisection on the estimate, then measure the real value with fvcore and correct the goal until the measured
+    value lies within RATIO_TOLERANCE below the goal (at most MAX_CORRECTIONS rounds)."""
+    aim = goal
+    best = None
+    for _ in range(MAX_CORRECTIONS):
+        removed, estimate = search(index, scores, alloc, cost, target=target, goal=aim)
+        plan = make_plan(graph, index, index.roots[removed])
+        after = _measure(apply_plan(copy.deepcopy(model), plan), example)
+        real = after[target]
+        met = (1 - RATIO_TOLERANCE) * goal <= real <= goal
+        if best is None or _better(real, best[1][target], goal):
+            best = (plan, after, met)
+        if met or estimate > aim:  # reached, or nothing stronger is possible
+            break
+        aim *= goal / real  # the estimate was off by this factor (ops it does not model): correct and retry
+    return best
+
+
+def _better(real: float, current: float, goal: float) -> bool:
+    """Prefer results that meet the goal (at most it), then the one closest to it."""
+    if (real <= goal) != (current <= goal):
+        return real <= goal
+    return abs(real - goal) < abs(current - goal)
+
+
+def _has_layer_channels(group, graph) -> bool:
+    return any(graph.slots[k].role == "out" for k in group.slots)
+
+
+def _group_summaries(index: ChannelIndex, plan: dict, graph) -> list[dict]:
+    out = []
+    kept_by_module = plan.get("modules", {})
+    for g in index.groups:
+        if not g.prunable:
+            continue
+        producer = next(k for k in g.slots if k[1] == "out")
+        total_positions = int(np.isin(index.slot_classes[producer],
+                                      np.searchsorted(index.roots, g.channels)).sum())
+        kept_out = kept_by_module.get(producer[0], {}).get("out")
+        if kept_out is None:
+            kept = len(g)
+        else:
+            classes = index.slot_classes[producer][kept_out]
+            kept = len(set(classes.tolist()) & set(np.searchsorted(index.roots, g.channels).tolist()))
+        out.append({"group": g.id, "layers": g.layers[:8], "n_layers": len(g.layers), "channels": len(g),
+                    "kept": kept, "positions": total_positions})
+    return out

@@ -1,0 +1,89 @@
+"""One-shot, data-free planning: choose which channels to remove so a target ratio (MACs or params) or a per-group
+sparsity is met, with uniform or global allocation over the channel groups."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpruner.errors import InputError
+from dpruner.graph.groups import ChannelIndex
+from dpruner.methods.cost import CostModel
+
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How channels are spread over groups: 'uniform' (the same fraction of every group) or 'global' (one threshold
+    over scores normalised by each group's mean). `max_fraction` caps any group's loss; `round_to` rounds each
+    group's kept count up to a multiple (hardware-friendly widths)."""
+
+    kind: str = "uniform"
+    max_fraction: float = 0.9
+    round_to: int = 1
+
+    def __post_init__(self):
+        if self.kind not in ALLOCATIONS:
+            raise InputError(f"Unknown allocation '{self.kind}'; choose one of {', '.join(ALLOCATIONS)}.")
+        if not 0 < self.max_fraction < 1:
+            raise InputError("--max-fraction must lie strictly between 0 and 1.")
+        if self.round_to < 1:
+            raise InputError("--round-to must be a positive integer.")
+
+
+def _kept_count(n: int, n_remove: int, alloc: Allocation) -> int:
+    n_remove = min(n_remove, math.floor(alloc.max_fraction * n), n - 1)
+    kept = n - max(n_remove, 0)
+    if alloc.round_to > 1 and n >= alloc.round_to:
+        kept = min(n, math.ceil(kept / alloc.round_to) * alloc.round_to)
+    return kept
+
+
+def select(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation, level: float) -> np.ndarray:
+    """Flags (per dense class) of the channels removed at `level`: a fraction for 'uniform', a threshold on
+    normalised scores for 'global'. Ties break by channel order, so the result is deterministic."""
+    removed = np.zeros(len(index.roots), dtype=bool)
+    for group in index.groups:
+        if not group.prunable or group.id not in scores:
+            continue
+        s = scores[group.id]
+        n = len(s)
+        order = np.lexsort((np.arange(n), s))  # ascending score, then position
+        if alloc.kind == "uniform":
+            n_remove = math.floor(level * n + 1e-9)
+        else:
+            normalized = s / max(float(np.mean(s)), 1e-12)
+            n_remove = int((normalized < level).sum())
+        kept = _kept_count(n, n_remove, alloc)
+        gone = [group.channels[i] for i in order[: n - kept]]
+        if gone:
+            removed[np.searchsorted(index.roots, gone)] = True
+    return removed
+
+
+def search(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation, cost: CostModel, *,
+           target: str, goal: float, iterations: int = 40) -> tuple[np.ndarray, float]:
+    """Smallest pruning level whose estimated `target` ('macs' or 'params') is at most `goal` (bisection).
+    Returns the removal flags and the estimate; if even the strongest level cannot reach the goal, that level."""
+    which = 0 if target == "macs" else 1
+    if alloc.kind == "uniform":
+        lo, hi = 0.0, 1.0
+    else:
+        top = max((float(np.max(s / max(float(np.mean(s)), 1e-12))) for s in scores.values()), default=1.0)
+        lo, hi = 0.0, top + 1e-6
+    best = select(index, scores, alloc, hi)
+    best_value = cost.estimate(best)[which]
+    if best_value > goal:
+        return best, best_value
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        removed = select(index, scores, alloc, mid)
+        value = cost.estimate(removed)[which]
+        if value <= goal:
+            hi, best, best_value = mid, removed, value
+        else:
+            lo = mid
+    return best, best_value
