@@ -101,3 +101,13 @@ class Opaque:
     pruned *through* it: a layer that consumes it keeps its input channels, but may still lose output channels."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class ShapeOf:
+    """`x.shape` / `x.size()` of a tracked tensor. Reading its channel entry turns the channel count into a
+    constant the graph cannot follow (e.g. `B, C, H, W = x.shape; y.view(B, C, -1)`), so doing so pins x's
+    channels; reading other entries (the batch size) is harmless."""
+
+    chan: Chan
+    ndim: int

@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+import operator
+
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-from dpruner.graph.atoms import AtomTable, Chan, Opaque, ParamRef
+from dpruner.graph.atoms import AtomTable, Chan, Opaque, ParamRef, ShapeOf
 from dpruner.graph.tracer import Trace, owner_of, trace_model
 
 
@@ -179,6 +181,10 @@ class Builder:
             self.values[node] = self._visit(gm, node)
 
     def _visit(self, gm: fx.GraphModule, node: fx.Node):
+        if node.target is not operator.getitem:  # a whole shape used anywhere but for indexing pins the channels
+            for value in _flatten([self.val(a) for a in node.args] + [self.val(v) for v in node.kwargs.values()]):
+                if isinstance(value, ShapeOf):
+                    self.atoms.block(value.chan.atoms, f"{node.name}: uses the shape of a tensor, channel count included")
         if node.op == "placeholder":
             return Opaque("network input") if self.shape(node) else None
         if node.op == "get_attr":

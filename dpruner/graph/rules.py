@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpruner.graph.atoms import Chan, Opaque, ParamRef
+from dpruner.graph.atoms import Chan, Opaque, ParamRef, ShapeOf
 
 
 def _arg(node, index: int, name: str, default=None):
@@ -68,6 +68,22 @@ def spatial(b, node, *_):
 
 def no_tensor(b, node, *_):
     """Ops that return shapes, sizes or nothing (size(), dim(), torch._assert)."""
+    return None
+
+
+def size(b, node):
+    """x.size() / x.size(d) / x.shape: see ShapeOf."""
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return None
+    ndim = _ndim(b, arg)
+    if node.op == "call_function":  # getattr(x, "shape" | "dtype" | ...)
+        return ShapeOf(x, ndim) if node.args[1] == "shape" else None
+    dim = _arg(node, 1, "dim")
+    if dim is None:
+        return ShapeOf(x, ndim)
+    if isinstance(dim, int) and dim % ndim == x.axis:
+        b.atoms.block(x.atoms, f"{node.name}: reads the channel count")
     return None
 
 
@@ -293,6 +309,12 @@ def getitem(b, node):
     index = node.args[1]
     if base is None or isinstance(base, Opaque):
         return base
+    if isinstance(base, ShapeOf):
+        picked = range(base.ndim)[index] if isinstance(index, (int, slice)) else None
+        picked = [picked] if isinstance(picked, int) else picked
+        if picked is None or base.chan.axis in picked:
+            b.atoms.block(base.chan.atoms, f"{node.name}: reads the channel count from a shape")
+        return None
     if isinstance(base, (tuple, list)):
         if isinstance(index, (int, slice)):
             return base[index]
@@ -560,7 +582,7 @@ FUNCTION_RULES: dict = {
     torch.mean: reduce, torch.sum: reduce, torch.amax: reduce, torch.amin: reduce,
     F.softmax: softmax, torch.softmax: softmax, F.log_softmax: softmax,
     F.layer_norm: layer_norm_fn,
-    builtins.getattr: no_tensor, torch._assert: no_tensor,
+    builtins.getattr: size, torch._assert: no_tensor,
     **{op: compare for op in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
 }
 
@@ -584,5 +606,5 @@ METHOD_RULES: dict = {
     "unsqueeze": unsqueeze, "squeeze": squeeze,
     "mean": reduce, "sum": reduce, "amax": reduce, "amin": reduce,
     "softmax": softmax,
-    "size": no_tensor, "dim": no_tensor, "numel": no_tensor,
+    "size": size, "dim": no_tensor, "numel": no_tensor,
 }
