@@ -8,6 +8,7 @@ import typer
 
 from dpruner import __version__
 from dpruner.cli import analyze as analyze_cmd
+from dpruner.cli import prune as prune_cmd
 
 app = typer.Typer(
     name="dpruner",
@@ -19,6 +20,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("analyze", help=analyze_cmd.HELP)(analyze_cmd.analyze)
+app.command("prune", help=prune_cmd.HELP)(prune_cmd.prune)
 
 
 def _version(value: bool) -> None:

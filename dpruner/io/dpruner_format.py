@@ -5,7 +5,7 @@ dpruner rebuilds the model without the original file: build the architecture, re
 freshly built model so the shapes match), then load the weights. Schema (version 1)::
 
     {"dpruner_checkpoint": 1, "arch": "torchvision:resnet18", "num_classes": 10 | None,
-     "input_shape": [1, 3, 224, 224] | None, "plan": None | <pruning plan as data>,
+     "input_shape": [1, 3, 224, 224] | None, "plan": [] | [<pruning plan as data>, ...] (replayed in order),
      "state_dict": {...}, "meta": {...free-form JSON-able data...}}
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from dpruner.errors import CheckpointError, UnsupportedError
+from dpruner.errors import CheckpointError
 from dpruner.io.arch import parse_arch
 
 FORMAT_KEY = "dpruner_checkpoint"
@@ -46,17 +46,18 @@ def make_checkpoint(
     arch: str,
     num_classes: int | None = None,
     input_shape=None,
-    plan: Any = None,
+    plan: list | None = None,
     meta: dict | None = None,
 ) -> dict:
-    """The dict that save_checkpoint writes; `plan` is the pruning plan as plain data (None for an unpruned model)."""
+    """The dict that save_checkpoint writes; `plan` is the list of pruning plans applied since `arch` was built
+    (empty for an unpruned model)."""
     parse_arch(arch)  # refuse to write a checkpoint that could never be loaded
     return {
         FORMAT_KEY: FORMAT_VERSION,
         "arch": arch,
         "num_classes": num_classes,
         "input_shape": list(input_shape) if input_shape is not None else None,
-        "plan": plan,
+        "plan": list(plan or []),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
@@ -97,11 +98,14 @@ def load_dpruner_checkpoint(
     from dpruner.io.arch import build_model
 
     model = build_model(spec, num_classes=n_classes)
-    plan = obj.get("plan")
-    if plan:
-        raise UnsupportedError(
-            f"'{path}' holds a pruning plan, which this version of dpruner cannot replay yet; upgrade dpruner."
-        )
+    plans = obj.get("plan") or []
+    if isinstance(plans, dict):
+        plans = [plans]
+    if plans:
+        from dpruner.surgery.plan import apply_plan
+
+        for plan in plans:  # a model pruned several times replays its plans in order
+            apply_plan(model, plan)
     state_dict = obj.get("state_dict")
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"'{path}' is a dpruner checkpoint without a state_dict.")
@@ -113,6 +117,6 @@ def load_dpruner_checkpoint(
         arch=spec_text,
         num_classes=n_classes,
         input_shape=tuple(shape) if shape else None,
-        plan=plan,
+        plan=plans,
         meta=dict(obj.get("meta") or {}),
     )

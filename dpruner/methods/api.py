@@ -139,6 +139,21 @@ def prune(
     )
 
 
+def parse_ratio(text: str | float) -> float:
+    """'2x', '2', '2.5X' -> 2.0, 2.0, 2.5 (must be > 1)."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        cleaned = text.strip().lower().removesuffix("x").strip()
+        try:
+            value = float(cleaned)
+        except ValueError:
+            raise InputError(f"--ratio must look like 2x or 1.5, got '{text}'.") from None
+    if not value > 1:
+        raise InputError(f"--ratio must be greater than 1 (e.g. 2x), got '{text}'.")
+    return value
+
+
 def _global_quantile(scores: dict[int, np.ndarray], sparsity: float) -> float:
     normalized = np.concatenate([s / max(float(np.mean(s)), 1e-12) for s in scores.values()] or [np.zeros(1)])
     return float(np.quantile(normalized, sparsity))
