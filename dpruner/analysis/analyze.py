@@ -45,6 +45,8 @@ class Analysis:
     uncounted_ops: dict[str, int]
     most_redundant: list[dict]
     source: dict = field(default_factory=dict)
+    groups: list[dict] = field(default_factory=list)  # channel groups: coupled layers, prunable or why not
+    groups_error: str | None = None  # why the dependency graph could not be built, if it could not
 
     def to_json(self) -> dict:
         """A versioned, JSON-serialisable document (schema in docs/analyze.md)."""
@@ -60,6 +62,8 @@ class Analysis:
             },
             "layers": [asdict(layer) for layer in self.layers],
             "summary": {"most_redundant": self.most_redundant},
+            "groups": self.groups,
+            "groups_error": self.groups_error,
             "definitions": DEFINITIONS,
         }
 
@@ -144,6 +148,7 @@ def analyze(
             )
     finally:
         model.train(was_training)
+    groups, groups_error = coupling(model, input_shape)
     ranked = sorted(
         ((score, layer) for layer in layers if (score := _redundancy_score(layer)) is not None),
         key=lambda item: -item[0],
@@ -162,7 +167,28 @@ def analyze(
         uncounted_ops=macs.uncounted_ops,
         most_redundant=most,
         source=dict(source or {}),
+        groups=groups,
+        groups_error=groups_error,
     )
+
+
+def coupling(model: nn.Module, input_shape) -> tuple[list[dict], str | None]:
+    """The channel groups of the model's dependency graph: which layers lose channels together, and for groups
+    that cannot be pruned, the node and reason. A graph that cannot be built is reported, not raised."""
+    from dpruner.errors import DprunerError
+    from dpruner.methods.api import analyze_groups
+
+    try:
+        graph, index = analyze_groups(model, torch.randn(*input_shape))
+    except DprunerError as exc:
+        return [], str(exc)
+    out = []
+    for g in index.groups:
+        if not any(graph.slots[k].role == "out" for k in g.slots):
+            continue  # the network input's channels: never pruned, nothing to report
+        out.append({"id": g.id, "channels": len(g), "layers": g.layers, "prunable": g.prunable,
+                    "reasons": g.reasons[:5]})
+    return out, None
 
 
 def _measure_for(module: nn.Module, measures: Mapping[type, Measure]) -> Measure | None:

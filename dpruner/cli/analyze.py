@@ -113,6 +113,18 @@ def render(result) -> None:
     if result.most_redundant:
         items = ", ".join(f"{r['name']} ({r['score']:.2f})" for r in result.most_redundant)
         out.print(f"Most redundant by PCA (1 - k95/min(filters, fan-in)): {items}.")
+    if result.groups_error:
+        out.print(f"[yellow]Channel coupling unavailable:[/yellow] {result.groups_error}")
+    elif result.groups:
+        prunable = [g for g in result.groups if g["prunable"]]
+        coupled = [g for g in prunable if len({name for name in g["layers"]}) > 3]
+        out.print(f"Channel groups: {len(prunable)} prunable ({sum(g['channels'] for g in prunable):,} channels), "
+                  f"{len(result.groups) - len(prunable)} unprunable.")
+        for g in sorted(coupled, key=lambda g: -len(g["layers"]))[:3]:
+            out.print(f"  coupled: {len(g['layers'])} layers share {g['channels']} channels "
+                      f"({', '.join(g['layers'][:4])}, ...)")
+        for g in [g for g in result.groups if not g["prunable"]][:8]:
+            out.print(f"  [yellow]unprunable[/yellow] {', '.join(g['layers'][:3])}: {'; '.join(g['reasons'][:2])}")
     if result.uncounted_ops:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(result.uncounted_ops.items()))
         out.print(f"[dim]Ops fvcore counts no MACs for: {ops}.[/dim]")
