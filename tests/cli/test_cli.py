@@ -131,3 +131,51 @@ def test_debug_env_shows_the_traceback():
 def test_usage_error_exit_code():
     assert run("analyze").exit_code == 2
     assert run("analyze", VGG, "--num-classes", "0").exit_code == 2
+
+
+# ---- prune ---------------------------------------------------------------------------------------------------------
+
+
+def test_prune_then_analyze_without_arguments(tmp_path):
+    out = tmp_path / "small.pt"
+    result = run("prune", RESNET, "--ratio", "3x", "--target", "params", "--method", "fpgm", "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == 1 and doc["target_met"] and abs(doc["ratio"]["params"] / 3 - 1) <= 0.05
+    assert doc["output"] == str(out) and doc["method"] == "fpgm"
+    again = run("analyze", str(out), "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["model"]["params"] == doc["after"]["params"]
+
+
+def test_prune_table_output(tmp_path):
+    result = run("prune", VGG, "--ratio", "2x", "-o", str(tmp_path / "s.pt"))
+    assert result.exit_code == 0 and "ratio" in result.output and "MACS" in result.output
+
+
+def test_prune_twice_gives_identical_files(tmp_path):
+    outputs = []
+    for name in ("a.pt", "b.pt"):
+        assert run("prune", VGG, "--ratio", "2x", "--method", "random", "--seed", "7", "-o",
+                   str(tmp_path / name)).exit_code == 0
+        outputs.append(torch.load(tmp_path / name, weights_only=True)["plan"])
+    assert json.dumps(outputs[0], sort_keys=True) == json.dumps(outputs[1], sort_keys=True)
+
+
+def test_prune_refuses_to_overwrite_input(tmp_path):
+    copy = tmp_path / "in.pt"
+    copy.write_bytes(open(VGG, "rb").read())
+    _one_line_error(run("prune", str(copy), "--ratio", "2x", "-o", str(copy)), contains="Refusing to overwrite")
+
+
+def test_prune_bad_options(tmp_path):
+    out = str(tmp_path / "o.pt")
+    _one_line_error(run("prune", VGG, "--ratio", "half", "-o", out), contains="--ratio")
+    _one_line_error(run("prune", VGG, "--ratio", "2x", "--method", "magic", "-o", out), contains="Unknown method")
+    _one_line_error(run("prune", VGG, "-o", out), contains="exactly one")
+
+
+def test_prune_unreachable_ratio_exits_1(tmp_path):
+    out = tmp_path / "o.pt"
+    result = run("prune", VGG, "--ratio", "500x", "-o", str(out))
+    assert result.exit_code == 1 and "not reached" in result.stderr and out.exists()

@@ -1,0 +1,43 @@
+"""prune --ratio 1.5x on every torchvision classification model: it runs, keeps its output shape, and either
+reaches the ratio or reports which groups could not be pruned and why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.analysis.test_torchvision_models import MAX_PARAMS, MODELS, _param_count
+
+torchvision = pytest.importorskip("torchvision")
+
+from dpruner.io.arch import build_model  # noqa: E402
+from dpruner.methods.api import prune  # noqa: E402
+
+
+def input_size(name: str) -> int:
+    if name.startswith(("vit_", "swin_", "maxvit_")):
+        return 224
+    if name.startswith("inception"):
+        return 299  # its auxiliary head (train mode) needs the native size
+    return 128
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_prune_torchvision_model(name):
+    n_params = _param_count(name)
+    if n_params > MAX_PARAMS:
+        pytest.skip(f"{name} has {n_params / 1e6:.0f}M parameters, above the {MAX_PARAMS / 1e6:.0f}M limit")
+    torch.manual_seed(0)
+    model = build_model(f"torchvision:{name}").eval()
+    size = input_size(name)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected_shape = model(x).shape
+    result = prune(model, x, ratio=1.5)
+    with torch.no_grad():
+        assert model(x).shape == expected_shape
+    model.train()
+    model(torch.randn(2, 3, size, size))  # the train-mode graph (e.g. auxiliary heads) still works
+    assert result.target_met or result.unprunable
+    assert result.target_met, f"{name}: reached {result.ratio['macs']:.2f}x; unprunable: {result.unprunable[:3]}"
