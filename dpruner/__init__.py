@@ -21,6 +21,11 @@ _LAZY = {
     "count_macs": "dpruner.metrics.macs",
     "count_params": "dpruner.metrics.macs",
     "DprunerError": "dpruner.errors",
+    "prune": "dpruner.methods.api",
+    "PruneResult": "dpruner.methods.api",
+    "build_graph": "dpruner.graph.build",
+    "channel_groups": "dpruner.graph.groups",
+    "apply_plan": "dpruner.surgery.plan",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
