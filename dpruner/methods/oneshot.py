@@ -86,4 +86,29 @@ def search(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation
             hi, best, best_value = mid, removed, value
         else:
             lo = mid
+    if alloc.round_to == 1:
+        best, best_value = _refine(index, scores, cost, which, goal, select(index, scores, alloc, lo), best,
+                                   best_value)
     return best, best_value
+
+
+def _refine(index: ChannelIndex, scores, cost: CostModel, which: int, goal: float, below: np.ndarray,
+            above: np.ndarray, above_value: float) -> tuple[np.ndarray, float]:
+    """Between the last level that misses the goal and the first that meets it, many groups may step at once (a
+    RegNet stage has only a few whole-group channels, so one step moves MACs a lot). Add those channels one at a
+    time instead, lowest normalised score first, and stop as soon as the goal is met."""
+    candidates = np.nonzero(above & ~below)[0]
+    if len(candidates) <= 1:
+        return above, above_value
+    normalized = np.zeros(len(index.roots))
+    for group in index.groups:
+        if group.id in scores:
+            s = scores[group.id]
+            normalized[np.searchsorted(index.roots, group.channels)] = s / max(float(np.mean(s)), 1e-12)
+    removed = below.copy()
+    for c in candidates[np.lexsort((candidates, normalized[candidates]))]:
+        removed[c] = True
+        value = cost.estimate(removed)[which]
+        if value <= goal:
+            return removed, value
+    return above, above_value

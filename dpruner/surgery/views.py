@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,7 +57,9 @@ def group_tensors(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
                   generator: torch.Generator | None = None) -> GroupTensors:
     """Gather the group's per-channel weights from the live model."""
     out = GroupTensors(group, generator=generator)
-    dense = torch.as_tensor(index.roots.searchsorted(group.channels))
+    n = len(group.channels)
+    rank = np.full(len(index.roots), -1, dtype=np.int64)
+    rank[index.roots.searchsorted(group.channels)] = np.arange(n)
     for key in group.slots:
         slot = graph.slots[key]
         if slot.role == "param":
@@ -65,13 +68,7 @@ def group_tensors(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
         rows = _rows(module, slot.role) if module is not None else None
         if rows is None:
             continue
-        classes = torch.as_tensor(index.slot_classes[key])
-        per_channel = []
-        for c in dense.tolist():
-            positions = torch.nonzero(classes == c).flatten()
-            per_channel.append(rows[positions].reshape(-1))
-        width = max(t.numel() for t in per_channel)
-        matrix = torch.stack([torch.nn.functional.pad(t, (0, width - t.numel())) for t in per_channel])
+        matrix = _per_channel(rows, rank[index.slot_classes[key]], n)
         if slot.role == "out":
             out.filters.append(matrix)
         elif slot.role == "norm":
@@ -79,3 +76,22 @@ def group_tensors(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
         else:
             out.inputs.append(matrix)
     return out
+
+
+def _per_channel(rows: torch.Tensor, channel_of_position: np.ndarray, n: int) -> torch.Tensor:
+    """(n, k*d): the rows of each channel concatenated, channels in group order; channels with fewer positions
+    than others (rare) are zero-padded."""
+    positions = np.nonzero(channel_of_position >= 0)[0]
+    channel = channel_of_position[positions]
+    ordered = positions[np.argsort(channel, kind="stable")]
+    counts = np.bincount(channel, minlength=n)
+    if counts.min() == counts.max():
+        return rows[torch.as_tensor(ordered)].reshape(n, -1)
+    width = int(counts.max()) * rows.shape[1]
+    matrix = rows.new_zeros(n, width)
+    start = 0
+    for c, k in enumerate(counts.tolist()):
+        block = rows[torch.as_tensor(ordered[start : start + k])].reshape(-1)
+        matrix[c, : block.numel()] = block
+        start += k
+    return matrix
