@@ -182,6 +182,8 @@ def coupling(model: nn.Module, input_shape) -> tuple[list[dict], str | None]:
         graph, index = analyze_groups(model, torch.randn(*input_shape))
     except DprunerError as exc:
         return [], str(exc)
+    except Exception as exc:  # a bug in a graph rule must not cost the user the rest of the analysis
+        return [], f"the dependency graph could not be built ({type(exc).__name__}: {exc}); this is a bug in dpruner"
     out = []
     for g in index.groups:
         if not any(graph.slots[k].role == "out" for k in g.slots):

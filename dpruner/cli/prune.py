@@ -64,7 +64,7 @@ def prune(
     meta = {**loaded.meta, "pruned": {"method": method, "allocation": allocation, "target": target,
                                       "requested": result.requested, "ratio": result.ratio, "source": str(model)}}
     save_checkpoint(output, result.model, inputs=[model], arch=loaded.arch, num_classes=loaded.num_classes,
-                    input_shape=shape, plan=[*loaded.plan, result.plan], meta=meta)
+                    input_shape=shape, plan=[*(loaded.plan or []), result.plan], meta=meta)
     document = {"schema": SCHEMA_VERSION, "input": str(model), "output": str(output), "arch": loaded.arch,
                 "input_shape": list(shape), **result.to_json()}
     if json_output:

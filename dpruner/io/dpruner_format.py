@@ -31,7 +31,7 @@ class LoadedModel:
     arch: str | None = None
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None
-    plan: Any = None
+    plan: list = field(default_factory=list)  # pruning plans replayed on the architecture, in order
     meta: dict = field(default_factory=dict)
 
 

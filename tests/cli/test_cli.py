@@ -179,3 +179,20 @@ def test_prune_unreachable_ratio_exits_1(tmp_path):
     out = tmp_path / "o.pt"
     result = run("prune", VGG, "--ratio", "500x", "-o", str(out))
     assert result.exit_code == 1 and "not reached" in result.stderr and out.exists()
+
+
+def test_prune_torchvision_state_dict(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pt")
+    out = tmp_path / "r18_small.pt"
+    result = run("prune", str(tmp_path / "r18.pt"), "--arch", "torchvision:resnet18", "--num-classes", "10",
+                 "--input-shape", "3,64,64", "--ratio", "2x", "--round-to", "8", "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["target_met"] and doc["arch"] == "torchvision:resnet18"
+    from dpruner.io import load_checkpoint
+
+    loaded = load_checkpoint(out)
+    assert loaded.num_classes == 10 and loaded.input_shape == (1, 3, 64, 64)
+    assert all(m.out_channels % 8 == 0 for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d))
