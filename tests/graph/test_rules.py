@@ -223,3 +223,26 @@ def test_leaf_module_without_rule_is_opaque():
     _, index = groups_of(Net(), leaf_modules=(Block,))
     (g,) = group_with(index, "a")
     assert not g.prunable and any("Block has no pruning rule" in r for r in g.reasons)
+
+
+def test_conv_transpose_and_groupnorm_prune_and_run():
+    from dpruner.methods.api import prune
+
+    class UpNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.gn = nn.GroupNorm(4, 16)
+            self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+            self.up_g = nn.ConvTranspose2d(8, 8, 3, padding=1, groups=2)
+            self.out = nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            return self.out(self.up_g(F.relu(self.up(self.gn(self.down(x))))))
+
+    model = UpNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = prune(model, x, sparsity=0.5)
+    assert model(x).shape == (2, 3, 8, 8)
+    assert model.up.out_channels == 4 and model.gn.num_groups == 2 and model.up_g.groups == 1
+    assert result.after["params"] < result.before["params"]
