@@ -4,14 +4,15 @@ head, only call some layers in one mode; the dependency graph must see both)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
 
 from dpruner.errors import ShapeError, UnsupportedError
 
@@ -41,20 +42,83 @@ class Trace:
     training: bool
 
 
+@dataclass(frozen=True)
+class TensorShape:
+    """What the rules read from node.meta['tensor_meta']: the output shape (a tuple of these for multi-output ops)."""
+
+    shape: tuple[int, ...]
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and stores every node's output shape (like torch.fx's ShapeProp, without its printing)."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        meta = map_aggregate(result, lambda o: TensorShape(tuple(o.shape)) if isinstance(o, torch.Tensor) else None)
+        if meta is not None and (isinstance(meta, TensorShape) or any(m is not None for m in _leaves(meta))):
+            n.meta["tensor_meta"] = meta
+        return result
+
+
 def _buffers_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: buf.detach().clone() for name, buf in model.named_buffers()}
+
+
+def _leaves(value) -> list:
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    return [value]
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A structural copy of the model whose parameters and buffers live on the meta device (no data copied), so
+    shapes propagate without computing anything."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        twin = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(twin, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else twin
+    return copy.deepcopy(model, memo)
+
+
+def _propagate(model: nn.Module, graph: fx.Graph, x: torch.Tensor, training: bool) -> None:
+    """Shapes on the meta device when every op supports it (fast), else with a real forward pass."""
+    try:
+        twin = _meta_twin(model)
+        twin.train(training)
+        with torch.no_grad():
+            _ShapeRecorder(fx.GraphModule(twin, graph)).run(x.to("meta"))
+        return
+    except Exception:  # an op without a meta kernel: fall back to computing for real
+        pass
+    try:
+        with torch.no_grad():
+            _ShapeRecorder(fx.GraphModule(model, graph)).run(x)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShapeError(
+            f"The model cannot run in {'train' if training else 'eval'} mode on input shape "
+            f"{','.join(map(str, x.shape[1:]))} ({type(exc).__name__}: {first}); check --input-shape."
+        ) from exc
+
+
+def _signature(graph: fx.Graph) -> list:
+    return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes]
 
 
 def trace_model(model: nn.Module, example: torch.Tensor, *, leaf_modules: Iterable[type] = (),
                 modes: tuple[bool, ...] = (False, True)) -> list[Trace]:
     """Trace `model` in each mode (False = eval, True = train) and propagate shapes; model state is restored.
 
-    The train-mode pass runs a forward with batch size >= 2 (BatchNorm needs it) and restores every buffer after, so
-    BatchNorm running statistics are untouched.
+    A mode whose graph is identical to one already traced is skipped (most models: dropout and BatchNorm are
+    leaves, so train and eval graphs match). The train-mode pass uses a batch of >= 2 (BatchNorm needs it); shapes
+    come from the meta device where possible, and any real forward pass restores every buffer after itself.
     """
     was_training = model.training
     saved = _buffers_snapshot(model)
-    traces = []
+    traces: list[Trace] = []
+    seen: list[list] = []
     try:
         for training in modes:
             model.train(training)
@@ -69,19 +133,13 @@ def trace_model(model: nn.Module, example: torch.Tensor, *, leaf_modules: Iterab
                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); register the "
                     "offending block as a leaf module."
                 ) from exc
-            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+            signature = _signature(graph)
+            if signature in seen:
+                continue
+            seen.append(signature)
             x = example if not training or example.shape[0] >= 2 else example.repeat(2, *[1] * (example.dim() - 1))
-            try:
-                with torch.no_grad():
-                    ShapeProp(gm).propagate(x)
-            except Exception as exc:
-                cause = exc.__cause__ or exc
-                first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-                raise ShapeError(
-                    f"The model cannot run in {'train' if training else 'eval'} mode on input shape "
-                    f"{','.join(map(str, x.shape[1:]))} ({type(cause).__name__}: {first}); check --input-shape."
-                ) from exc
-            traces.append(Trace(gm, training))
+            _propagate(model, graph, x, training)
+            traces.append(Trace(fx.GraphModule(tracer.root, graph, type(model).__name__), training))
     finally:
         model.train(was_training)
         with torch.no_grad():
