@@ -176,11 +176,10 @@ class Builder:
     def run(self, trace: Trace) -> None:
         self.values = {}
         self._pad_counter = {}
-        gm = trace.graph_module
-        for node in gm.graph.nodes:
-            self.values[node] = self._visit(gm, node)
+        for node in trace.graph.nodes:
+            self.values[node] = self._visit(trace.root, node)
 
-    def _visit(self, gm: fx.GraphModule, node: fx.Node):
+    def _visit(self, gm: nn.Module, node: fx.Node):
         if node.target is not operator.getitem:  # a whole shape used anywhere but for indexing pins the channels
             for value in _flatten([self.val(a) for a in node.args] + [self.val(v) for v in node.kwargs.values()]):
                 if isinstance(value, ShapeOf):
@@ -219,7 +218,7 @@ class Builder:
         return self.unknown(node, f"fx op {node.op}")
 
 
-def _get_attr(gm: fx.GraphModule, target: str):
+def _get_attr(gm: nn.Module, target: str):
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)

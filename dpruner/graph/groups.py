@@ -60,16 +60,14 @@ def channel_groups(graph: DependencyGraph, *, exclude: tuple[str, ...] = ()) -> 
             for root in set(atoms.roots(slot.atoms).tolist()):
                 blocked.setdefault(root, []).append(f"{slot.module}: protected by --exclude")
     slot_roots = {key: atoms.roots(slot.atoms) for key, slot in graph.slots.items()}
-    for site in graph.pads.values():  # zero atoms carry their classes' reasons too
-        for a in np.concatenate([site.before, site.after]).tolist():
-            atoms.find(a)
     all_roots = np.unique(np.concatenate([r for r in slot_roots.values()] or [np.zeros(0, np.int64)]))
     slot_classes = {key: np.searchsorted(all_roots, r) for key, r in slot_roots.items()}
 
     members: dict[int, list[tuple]] = {}
     first_seen: dict[int, int] = {}
     for order, (key, roots) in enumerate(slot_roots.items()):
-        for root in dict.fromkeys(roots.tolist()):
+        unique, first = np.unique(roots, return_index=True)
+        for root in unique[np.argsort(first)].tolist():
             members.setdefault(root, []).append(key)
             first_seen.setdefault(root, order)
     producers = {key for key, slot in graph.slots.items() if slot.role == "out"}

@@ -3,7 +3,6 @@ head, only call some layers in one mode; the dependency graph must see both)."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -36,9 +35,11 @@ class PruningTracer(fx.Tracer):
 
 @dataclass
 class Trace:
-    """One traced graph with shapes in node.meta['tensor_meta'] and the mode it was traced in."""
+    """One traced graph with shapes in node.meta['tensor_meta'], the module it was traced from (call_module and
+    get_attr targets resolve against it), and the mode it was traced in."""
 
-    graph_module: fx.GraphModule
+    graph: fx.Graph
+    root: nn.Module
     training: bool
 
 
@@ -72,29 +73,33 @@ def _leaves(value) -> list:
     return [value]
 
 
-def _meta_twin(model: nn.Module) -> nn.Module:
-    """A structural copy of the model whose parameters and buffers live on the meta device (no data copied), so
-    shapes propagate without computing anything."""
-    memo: dict[int, Any] = {}
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        twin = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(twin, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else twin
-    return copy.deepcopy(model, memo)
+class _Runner(nn.Module):
+    """Runs the shape recorder over `model` so torch.func.functional_call can swap in meta parameters."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph):
+        super().__init__()
+        self.model = model
+        self.graph_ = graph
+
+    def forward(self, x):
+        return _ShapeRecorder(self.model, graph=self.graph_).run(x)
 
 
 def _propagate(model: nn.Module, graph: fx.Graph, x: torch.Tensor, training: bool) -> None:
-    """Shapes on the meta device when every op supports it (fast), else with a real forward pass."""
+    """Shapes on the meta device when every op supports it (no compute, no copy: the parameters are swapped for
+    meta tensors during the call), else with a real forward pass."""
+    runner = _Runner(model, graph)
+    state = {f"model.{name}": torch.empty_like(t, device="meta")
+             for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
     try:
-        twin = _meta_twin(model)
-        twin.train(training)
         with torch.no_grad():
-            _ShapeRecorder(fx.GraphModule(twin, graph)).run(x.to("meta"))
+            torch.func.functional_call(runner, state, (x.to("meta"),), strict=False)
         return
-    except Exception:  # an op without a meta kernel: fall back to computing for real
+    except Exception:  # an op without a meta kernel, or a tensor attribute that is not a registered buffer
         pass
     try:
         with torch.no_grad():
-            _ShapeRecorder(fx.GraphModule(model, graph)).run(x)
+            runner(x)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShapeError(
@@ -139,7 +144,7 @@ def trace_model(model: nn.Module, example: torch.Tensor, *, leaf_modules: Iterab
             seen.append(signature)
             x = example if not training or example.shape[0] >= 2 else example.repeat(2, *[1] * (example.dim() - 1))
             _propagate(model, graph, x, training)
-            traces.append(Trace(fx.GraphModule(tracer.root, graph, type(model).__name__), training))
+            traces.append(Trace(graph, model, training))
     finally:
         model.train(was_training)
         with torch.no_grad():
@@ -155,8 +160,3 @@ def owner_of(node: fx.Node) -> str:
         return ""
     path = list(stack.values())[-1]
     return path[0] if isinstance(path, tuple) else str(path)
-
-
-def clone_for_trace(model: nn.Module) -> nn.Module:
-    """A deep copy for callers that must not touch the user's model."""
-    return copy.deepcopy(model)
