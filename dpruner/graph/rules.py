@@ -608,3 +608,11 @@ METHOD_RULES: dict = {
     "softmax": softmax,
     "size": size, "dim": no_tensor, "numel": no_tensor,
 }
+
+
+# Ops whose output has the input's shape: shape propagation skips computing them (on the meta device several of
+# them run through slow Python decompositions).
+SHAPE_PRESERVING_MODULES = (*_ELEMENTWISE_MODULES, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+SHAPE_PRESERVING_FUNCTIONS = frozenset(_ELEMENTWISE_FUNCTIONS)
+SHAPE_PRESERVING_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone",
+                                      "detach", "hardtanh_", "clamp", "clamp_"})

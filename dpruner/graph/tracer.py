@@ -54,11 +54,38 @@ class _ShapeRecorder(fx.Interpreter):
     """Runs the graph and stores every node's output shape (like torch.fx's ShapeProp, without its printing)."""
 
     def run_node(self, n: fx.Node):
-        result = super().run_node(n)
+        result = self._shortcut(n)
+        if result is None:
+            result = super().run_node(n)
         meta = map_aggregate(result, lambda o: TensorShape(tuple(o.shape)) if isinstance(o, torch.Tensor) else None)
         if meta is not None and (isinstance(meta, TensorShape) or any(m is not None for m in _leaves(meta))):
             n.meta["tensor_meta"] = meta
         return result
+
+
+def _first_tensor_arg(interp: fx.Interpreter, n: fx.Node):
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    value = interp.env.get(n.args[0])
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _shortcut(self, n: fx.Node):
+    """The input itself for ops that keep its shape (activations, norms, dropout): only shapes are needed."""
+    from dpruner.graph import rules
+
+    if n.op == "call_module":
+        keep = isinstance(self.module.get_submodule(n.target), rules.SHAPE_PRESERVING_MODULES)
+    elif n.op == "call_function":
+        keep = n.target in rules.SHAPE_PRESERVING_FUNCTIONS and not n.kwargs.get("out")
+    elif n.op == "call_method":
+        keep = n.target in rules.SHAPE_PRESERVING_METHODS
+    else:
+        keep = False
+    return _first_tensor_arg(self, n) if keep else None
+
+
+_ShapeRecorder._shortcut = _shortcut
 
 
 def _buffers_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
