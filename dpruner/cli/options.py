@@ -13,3 +13,4 @@ NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=1, he
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow full unpickling of the file. Unpickling can run arbitrary code: use only for files from a source you trust.")]
 InputShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Example input as C,H,W (or N,C,H,W). Default: the checkpoint's, or 3,224,224 for torchvision models.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs go to stderr).")]
+LeafOpt = Annotated[Optional[list[str]], typer.Option("--leaf", help="Treat this module class as one opaque op when tracing (package.module:Class or file.py:Class; repeatable): for blocks torch.fx cannot trace. Its channels are left alone.")]

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from dpruner.cli.errors import handle_errors
-from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt
+from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustOpt
 from dpruner.cli.output import emit_json, human, stderr_console, stdout_console
 
 HELP = "Remove whole filters/channels to reach a MACs or params ratio (--ratio 2x) or a sparsity; writes a dense smaller model."
@@ -33,6 +33,7 @@ def prune(
     num_classes: NumClassesOpt = None,
     input_shape: InputShapeOpt = None,
     trust_checkpoint: TrustOpt = False,
+    leaf: LeafOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Prune MODEL one-shot (no data, no fine-tuning) and write the result to OUTPUT."""
@@ -40,6 +41,7 @@ def prune(
 
     from dpruner.errors import ArchError, EXIT_TARGET_NOT_MET
     from dpruner.io import load_checkpoint, save_checkpoint
+    from dpruner.io.arch import resolve_class
     from dpruner.io.atomic import check_not_input
     from dpruner.io.shapes import resolve_input_shape
     from dpruner.methods.api import parse_ratio, prune as run_prune
@@ -60,6 +62,7 @@ def prune(
         loaded.model, torch.randn(*shape), ratio=parse_ratio(ratio) if ratio is not None else None,
         sparsity=sparsity, target=target, method=method, allocation=allocation, exclude=tuple(exclude or ()),
         round_to=round_to, max_fraction=max_fraction, seed=seed,
+        leaf_modules=tuple(resolve_class(item) for item in leaf or ()),
     )
     meta = {**loaded.meta, "pruned": {"method": method, "allocation": allocation, "target": target,
                                       "requested": result.requested, "ratio": result.ratio, "source": str(model)}}

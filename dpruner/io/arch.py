@@ -152,3 +152,14 @@ def _call_factory(factory: Callable, spec: ArchSpec, num_classes: int | None):
         return factory(**kwargs)
     except Exception as exc:
         raise ArchError(f"Calling '{spec.text}' failed: {type(exc).__name__}: {exc}") from exc
+
+
+def resolve_class(text: str) -> type:
+    """'package.module:Class' or 'file.py:Class' -> the class (for --leaf)."""
+    spec = parse_arch(text)
+    if spec.kind == "torchvision":
+        raise ArchError(f"--leaf takes package.module:Class or file.py:Class, got '{text}'.")
+    cls = _load_factory(spec)
+    if not isinstance(cls, type):
+        raise ArchError(f"'{text}' is not a class.")
+    return cls

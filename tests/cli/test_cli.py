@@ -196,3 +196,15 @@ def test_prune_torchvision_state_dict(tmp_path):
     loaded = load_checkpoint(out)
     assert loaded.num_classes == 10 and loaded.input_shape == (1, 3, 64, 64)
     assert all(m.out_channels % 8 == 0 for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_prune_with_leaf_module(tmp_path):
+    out = tmp_path / "leaf.pt"
+    result = run("prune", RESNET, "--sparsity", "0.3", "--leaf", "dpruner.zoo.digits:BasicBlock", "-o", str(out),
+                 "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    # every block is opaque: only the stem and the classifier input remain candidates, and the blocks are untouched
+    assert any("BasicBlock has no pruning rule" in r for u in doc["unprunable"] for r in u["reasons"])
+    bad = run("prune", RESNET, "--sparsity", "0.3", "--leaf", "dpruner.zoo.digits:nothing", "-o", str(out))
+    _one_line_error(bad, contains="no callable named 'nothing'")
