@@ -53,6 +53,23 @@ class TensorShape:
 class _ShapeRecorder(fx.Interpreter):
     """Runs the graph and stores every node's output shape (like torch.fx's ShapeProp, without its printing)."""
 
+    def _shortcut(self, n: fx.Node):
+        """The input itself for ops that keep its shape (activations, norms, dropout): only shapes are needed."""
+        from dpruner.graph import rules
+
+        if n.op == "call_module":
+            keep = isinstance(self.module.get_submodule(n.target), rules.SHAPE_PRESERVING_MODULES)
+        elif n.op == "call_function":
+            keep = n.target in rules.SHAPE_PRESERVING_FUNCTIONS and not n.kwargs.get("out")
+        elif n.op == "call_method":
+            keep = n.target in rules.SHAPE_PRESERVING_METHODS
+        else:
+            keep = False
+        if not keep or not n.args or not isinstance(n.args[0], fx.Node):
+            return None
+        value = self.env.get(n.args[0])
+        return value if isinstance(value, torch.Tensor) else None
+
     def run_node(self, n: fx.Node):
         result = self._shortcut(n)
         if result is None:
@@ -63,29 +80,6 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
-def _first_tensor_arg(interp: fx.Interpreter, n: fx.Node):
-    if not n.args or not isinstance(n.args[0], fx.Node):
-        return None
-    value = interp.env.get(n.args[0])
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _shortcut(self, n: fx.Node):
-    """The input itself for ops that keep its shape (activations, norms, dropout): only shapes are needed."""
-    from dpruner.graph import rules
-
-    if n.op == "call_module":
-        keep = isinstance(self.module.get_submodule(n.target), rules.SHAPE_PRESERVING_MODULES)
-    elif n.op == "call_function":
-        keep = n.target in rules.SHAPE_PRESERVING_FUNCTIONS and not n.kwargs.get("out")
-    elif n.op == "call_method":
-        keep = n.target in rules.SHAPE_PRESERVING_METHODS
-    else:
-        keep = False
-    return _first_tensor_arg(self, n) if keep else None
-
-
-_ShapeRecorder._shortcut = _shortcut
 
 
 def _buffers_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

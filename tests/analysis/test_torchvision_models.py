@@ -32,12 +32,18 @@ def _param_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS)
-def test_analyze_torchvision_model(name):
+def skip_if_too_large(name: str) -> int:
+    """Skip the calling test for models above MAX_PARAMS; returns the parameter count."""
     n_params = _param_count(name)
     if n_params > MAX_PARAMS:
         pytest.skip(f"{name} has {n_params / 1e6:.0f}M parameters, above the {MAX_PARAMS / 1e6:.0f}M limit")
+    return n_params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_analyze_torchvision_model(name):
+    n_params = skip_if_too_large(name)
     torch.manual_seed(0)
     model = build_model(f"torchvision:{name}").eval()
     size = 224 if name.startswith(NATIVE_224) else 128

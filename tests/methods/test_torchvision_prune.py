@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.analysis.test_torchvision_models import MAX_PARAMS, MODELS, _param_count
+from tests.analysis.test_torchvision_models import MODELS, skip_if_too_large
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -25,9 +25,7 @@ def input_size(name: str) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_prune_torchvision_model(name):
-    n_params = _param_count(name)
-    if n_params > MAX_PARAMS:
-        pytest.skip(f"{name} has {n_params / 1e6:.0f}M parameters, above the {MAX_PARAMS / 1e6:.0f}M limit")
+    skip_if_too_large(name)
     torch.manual_seed(0)
     model = build_model(f"torchvision:{name}").eval()
     size = input_size(name)
