@@ -614,5 +614,6 @@ METHOD_RULES: dict = {
 # them run through slow Python decompositions).
 SHAPE_PRESERVING_MODULES = (*_ELEMENTWISE_MODULES, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 SHAPE_PRESERVING_FUNCTIONS = frozenset(_ELEMENTWISE_FUNCTIONS)
-SHAPE_PRESERVING_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone",
-                                      "detach", "hardtanh_", "clamp", "clamp_"})
+# (not .contiguous(): a later .view() needs the layout it produces)
+SHAPE_PRESERVING_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "detach", "hardtanh_",
+                                      "clamp", "clamp_"})

@@ -53,10 +53,14 @@ class TensorShape:
 class _ShapeRecorder(fx.Interpreter):
     """Runs the graph and stores every node's output shape (like torch.fx's ShapeProp, without its printing)."""
 
+    shortcuts = True
+
     def _shortcut(self, n: fx.Node):
         """The input itself for ops that keep its shape (activations, norms, dropout): only shapes are needed."""
         from dpruner.graph import rules
 
+        if not self.shortcuts:
+            return None
         if n.op == "call_module":
             keep = isinstance(self.module.get_submodule(n.target), rules.SHAPE_PRESERVING_MODULES)
         elif n.op == "call_function":
@@ -102,8 +106,10 @@ class _Runner(nn.Module):
         self.model = model
         self.graph_ = graph
 
-    def forward(self, x):
-        return _ShapeRecorder(self.model, graph=self.graph_).run(x)
+    def forward(self, x, shortcuts: bool = True):
+        recorder = _ShapeRecorder(self.model, graph=self.graph_)
+        recorder.shortcuts = shortcuts
+        return recorder.run(x)
 
 
 def _propagate(model: nn.Module, graph: fx.Graph, x: torch.Tensor, training: bool) -> None:
@@ -120,7 +126,7 @@ def _propagate(model: nn.Module, graph: fx.Graph, x: torch.Tensor, training: boo
         pass
     try:
         with torch.no_grad():
-            runner(x)
+            runner(x, shortcuts=False)  # the plain forward pass, nothing skipped
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShapeError(

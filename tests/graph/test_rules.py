@@ -112,7 +112,7 @@ class Shuffle(nn.Module):
     def forward(self, x):
         y = self.a(x)
         n, c, h, w = y.shape
-        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)  # channel shuffle
         return self.b(y)
 
 
