@@ -186,7 +186,7 @@ def coupling(model: nn.Module, input_shape) -> tuple[list[dict], str | None]:
         return [], f"the dependency graph could not be built ({type(exc).__name__}: {exc}); this is a bug in dpruner"
     out = []
     for g in index.groups:
-        if not any(graph.slots[k].role == "out" for k in g.slots):
+        if not g.has_producer:
             continue  # the network input's channels: never pruned, nothing to report
         out.append({"id": g.id, "channels": len(g), "layers": g.layers, "prunable": g.prunable,
                     "reasons": g.reasons[:5]})

@@ -271,6 +271,6 @@ def build_graph(
         builder.run(trace)
     for module, reason in builder.frozen.items():  # a parameter read by an op we do not know keeps its shape
         for slot in builder.slots.values():
-            if slot.module == module or (slot.role == "param" and slot.module == module):
+            if slot.module == module:
                 builder.atoms.block(slot.atoms, f"{module}: parameter used by {reason}")
     return DependencyGraph(builder.atoms, builder.slots, builder.pads, builder.modules, builder.unsupported)

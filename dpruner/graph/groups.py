@@ -32,6 +32,11 @@ class Group:
         out = [s[0] for s in self.slots if s[1] == "out"]
         return out + [s[0] for s in self.slots if s[1] != "out" and s[0] not in out]
 
+    @property
+    def has_producer(self) -> bool:
+        """True when a layer computes these channels (False for the network input's channels)."""
+        return any(s[1] == "out" for s in self.slots)
+
     def __len__(self) -> int:
         return len(self.channels)
 

@@ -15,7 +15,7 @@ from dpruner.errors import InputError
 from dpruner.graph.build import DependencyGraph, build_graph
 from dpruner.graph.groups import ChannelIndex, channel_groups
 from dpruner.methods.cost import build_cost_model
-from dpruner.methods.oneshot import Allocation, search, select
+from dpruner.methods.oneshot import Allocation, normalized, search, select
 from dpruner.metrics.macs import count_macs, count_params
 from dpruner.surgery.plan import apply_plan, make_plan
 from dpruner.surgery.views import group_tensors
@@ -135,7 +135,7 @@ def prune(
         allocation=allocation,
         groups=_group_summaries(index, plan, graph),
         unprunable=[{"layers": g.layers, "channels": len(g), "reasons": g.reasons[:5]}
-                    for g in index.groups if not g.prunable and _has_layer_channels(g, graph)],
+                    for g in index.groups if not g.prunable and g.has_producer],
     )
 
 
@@ -155,8 +155,8 @@ def parse_ratio(text: str | float) -> float:
 
 
 def _global_quantile(scores: dict[int, np.ndarray], sparsity: float) -> float:
-    normalized = np.concatenate([s / max(float(np.mean(s)), 1e-12) for s in scores.values()] or [np.zeros(1)])
-    return float(np.quantile(normalized, sparsity))
+    flat = np.concatenate([normalized(s) for s in scores.values()] or [np.zeros(1)])
+    return float(np.quantile(flat, sparsity))
 
 
 def _search_ratio(model, example, graph, index, scores, alloc, cost, target, goal):
@@ -183,10 +183,6 @@ def _better(real: float, current: float, goal: float) -> bool:
     if (real <= goal) != (current <= goal):
         return real <= goal
     return abs(real - goal) < abs(current - goal)
-
-
-def _has_layer_channels(group, graph) -> bool:
-    return any(graph.slots[k].role == "out" for k in group.slots)
 
 
 def _group_summaries(index: ChannelIndex, plan: dict, graph) -> list[dict]:

@@ -74,11 +74,9 @@ def build_cost_model(model: nn.Module, graph: DependencyGraph, index: ChannelInd
         if slot.role == "param":
             owner = model.get_submodule(slot.module) if slot.module else model
             tensor = getattr(owner, slot.param)
-            per_position = tensor.numel() // tensor.shape[slot.dim]
-            params_terms.append((classes, per_position))
-            covered_params += tensor.numel() if isinstance(tensor, nn.Parameter) else 0
-            if not isinstance(tensor, nn.Parameter):
-                params_terms[-1] = (classes, 0)
+            if isinstance(tensor, nn.Parameter):  # buffers are not parameters: they cost nothing here
+                params_terms.append((classes, tensor.numel() // tensor.shape[slot.dim]))
+                covered_params += tensor.numel()
             continue
         slots_by_module.setdefault(slot.module, {})[slot.role] = classes
     terms = []

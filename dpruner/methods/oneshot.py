@@ -34,6 +34,11 @@ class Allocation:
             raise InputError("--round-to must be a positive integer.")
 
 
+def normalized(scores: np.ndarray) -> np.ndarray:
+    """A group's scores divided by their mean: comparable across groups (global allocation, refinement)."""
+    return scores / max(float(np.mean(scores)), 1e-12)
+
+
 def _kept_count(n: int, n_remove: int, alloc: Allocation) -> int:
     n_remove = min(n_remove, math.floor(alloc.max_fraction * n), n - 1)
     kept = n - max(n_remove, 0)
@@ -55,8 +60,7 @@ def select(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation
         if alloc.kind == "uniform":
             n_remove = math.floor(level * n + 1e-9)
         else:
-            normalized = s / max(float(np.mean(s)), 1e-12)
-            n_remove = int((normalized < level).sum())
+            n_remove = int((normalized(s) < level).sum())
         kept = _kept_count(n, n_remove, alloc)
         gone = [group.channels[i] for i in order[: n - kept]]
         if gone:
@@ -72,7 +76,7 @@ def search(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation
     if alloc.kind == "uniform":
         lo, hi = 0.0, 1.0
     else:
-        top = max((float(np.max(s / max(float(np.mean(s)), 1e-12))) for s in scores.values()), default=1.0)
+        top = max((float(np.max(normalized(s))) for s in scores.values()), default=1.0)
         lo, hi = 0.0, top + 1e-6
     best = select(index, scores, alloc, hi)
     best_value = cost.estimate(best)[which]
@@ -100,13 +104,12 @@ def _refine(index: ChannelIndex, scores, cost: CostModel, which: int, goal: floa
     candidates = np.nonzero(above & ~below)[0]
     if len(candidates) <= 1:
         return above, above_value
-    normalized = np.zeros(len(index.roots))
+    flat = np.zeros(len(index.roots))
     for group in index.groups:
         if group.id in scores:
-            s = scores[group.id]
-            normalized[np.searchsorted(index.roots, group.channels)] = s / max(float(np.mean(s)), 1e-12)
+            flat[np.searchsorted(index.roots, group.channels)] = normalized(scores[group.id])
     removed = below.copy()
-    for c in candidates[np.lexsort((candidates, normalized[candidates]))]:
+    for c in candidates[np.lexsort((candidates, flat[candidates]))]:
         removed[c] = True
         value = cost.estimate(removed)[which]
         if value <= goal:

@@ -30,9 +30,10 @@ PLAN_VERSION = 1
 
 def make_plan(graph: DependencyGraph, index: ChannelIndex, removed_roots) -> dict:
     """The plan that removes the given channels (class roots)."""
+    removed_set = {int(r) for r in removed_roots}
     removed = np.zeros(len(index.roots), dtype=bool)
-    if len(removed_roots):
-        removed[np.searchsorted(index.roots, np.asarray(sorted(removed_roots)))] = True
+    if removed_set:
+        removed[np.searchsorted(index.roots, np.asarray(sorted(removed_set)))] = True
     modules: dict[str, dict[str, list[int]]] = {}
     params: dict[str, dict] = {}
     for key, slot in graph.slots.items():
@@ -46,13 +47,8 @@ def make_plan(graph: DependencyGraph, index: ChannelIndex, removed_roots) -> dic
             modules.setdefault(slot.module, {})[slot.role] = kept
     pads = []
     for site in graph.pads.values():
-        def count(atoms):
-            roots = graph.atoms.roots(atoms)
-            dense = np.searchsorted(index.roots, roots)
-            inside = (dense < len(index.roots)) & (index.roots[np.minimum(dense, len(index.roots) - 1)] == roots)
-            return int(sum(1 for i, d in zip(inside, dense) if not (i and removed[d])))
-
-        before, after = count(site.before), count(site.after)
+        before, after = (sum(r not in removed_set for r in graph.atoms.roots(zeros).tolist())
+                         for zeros in (site.before, site.after))
         if before != len(site.before) or after != len(site.after):
             pads.append({"owner": site.owner, "order": site.order, "pair": site.pair, "before": before, "after": after})
     return {"version": PLAN_VERSION, "modules": dict(sorted(modules.items())), "params": dict(sorted(params.items())),
