@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 
@@ -111,36 +115,65 @@ def works(tool, model, x, fraction=0.3) -> tuple[bool, str]:
     return after < before, "" if after < before else "nothing removed"
 
 
-def bench_coverage(max_params: float) -> None:
-    print("\n## Coverage at 30% channel sparsity (forward must still run with the same output shape)")
-    both = only_dp = only_tp = neither = 0
-    rows = []
-    models = [("dpruner.zoo:resnet56", None)] + [(n, None) for n in torchvision.models.list_models(module=torchvision.models)]
-    for name, _ in models:
-        if name.startswith("dpruner.zoo:"):
-            build = lambda: dpruner.build_model(name).eval()  # noqa: E731
-            size = 32
-        else:
+def coverage_models(max_params: float) -> list[str]:
+    """The CIFAR ResNet-56 plus every torchvision classification model up to max_params parameters."""
+    names = ["dpruner.zoo:resnet56"]
+    for name in torchvision.models.list_models(module=torchvision.models):
+        try:
             with torch.device("meta"):
-                try:
-                    n_params = sum(p.numel() for p in torchvision.models.get_model(name, weights=None).parameters())
-                except NotImplementedError:
-                    n_params = 0
-            if n_params > max_params:
-                continue
-            build = lambda: torchvision.models.get_model(name, weights=None).eval()  # noqa: E731
-            size = 299 if name.startswith("inception") else 224 if name.startswith(("vit", "swin", "maxvit")) else 128
-        x = torch.randn(1, 3, size, size)
-        dp_ok, dp_why = works(dp_sparsity, build(), x)
-        tp_ok, tp_why = works(tp_prune, build(), x)
+                n_params = sum(p.numel() for p in torchvision.models.get_model(name, weights=None).parameters())
+        except NotImplementedError:  # builders that compute on tensors (RegNet) cannot run on meta
+            n_params = sum(p.numel() for p in torchvision.models.get_model(name, weights=None).parameters())
+        if n_params <= max_params:
+            names.append(name)
+    return names
+
+
+def coverage_one(name: str, tool: str) -> None:
+    """Child process: prune one model with one tool and print one JSON line (ok, why)."""
+    if name.startswith("dpruner.zoo:"):
+        model, size = dpruner.build_model(name).eval(), 32
+    else:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        size = 299 if name.startswith("inception") else 224 if name.startswith(("vit", "swin", "maxvit")) else 128
+    ok, why = works(dp_sparsity if tool == "dp" else tp_prune, model, torch.randn(1, 3, size, size))
+    print(json.dumps({"ok": ok, "why": why}))
+
+
+def run_isolated(name: str, tool: str, timeout: float, mem_gb: float) -> tuple[bool, str]:
+    """Run coverage_one in a child with a memory cap and a time limit, so one stuck model cannot stall the sweep."""
+    def limit():
+        cap = int(mem_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    cmd = [sys.executable, __file__, "--one", name, "--tool", tool]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout:.0f} s"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:80]
+        return False, f"crashed (exit {proc.returncode}, memory cap {mem_gb:g} GB): {tail}"
+    result = json.loads(lines[-1])
+    return result["ok"], result["why"]
+
+
+def bench_coverage(max_params: float, timeout: float, mem_gb: float, only: list[str] | None) -> None:
+    print("\n## Coverage at 30% channel sparsity (forward must still run with the same output shape)")
+    print(f"each tool and model in its own process, limits: {timeout:.0f} s, {mem_gb:g} GB address space")
+    both = only_dp = only_tp = neither = 0
+    names = only or coverage_models(max_params)
+    for name in names:
+        dp_ok, dp_why = run_isolated(name, "dp", timeout, mem_gb)
+        tp_ok, tp_why = run_isolated(name, "tp", timeout, mem_gb)
         both += dp_ok and tp_ok
         only_dp += dp_ok and not tp_ok
         only_tp += tp_ok and not dp_ok
         neither += not (dp_ok or tp_ok)
-        rows.append((name, dp_ok, dp_why, tp_ok, tp_why))
         print(f"{name:<24} dpruner {'ok' if dp_ok else 'FAIL ' + dp_why:<40} torch-pruning {'ok' if tp_ok else 'FAIL ' + tp_why}",
               flush=True)
-    print(f"\nmodels: {len(rows)}; both prune: {both}; only dpruner: {only_dp}; only Torch-Pruning: {only_tp}; "
+    print(f"\nmodels: {len(names)}; both prune: {both}; only dpruner: {only_dp}; only Torch-Pruning: {only_tp}; "
           f"neither: {neither}")
 
 
@@ -151,8 +184,16 @@ def main() -> None:
     parser.add_argument("--coverage", action="store_true", help="also run the coverage sweep (slow)")
     parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--max-params", type=float, default=150e6)
+    parser.add_argument("--timeout", type=float, default=600, help="coverage: seconds per model and tool")
+    parser.add_argument("--mem-gb", type=float, default=12, help="coverage: address-space cap per model and tool")
+    parser.add_argument("--models", nargs="*", help="coverage: only these models")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--tool", choices=["dp", "tp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.one:
+        coverage_one(args.one, args.tool)
+        return
     import torch_pruning
 
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, torch-pruning {torch_pruning.__version__}, "
@@ -160,7 +201,7 @@ def main() -> None:
     if args.speed:
         bench_speed(args.size, args.repeats)
     if args.coverage:
-        bench_coverage(args.max_params)
+        bench_coverage(args.max_params, args.timeout, args.mem_gb, args.models)
 
 
 if __name__ == "__main__":

@@ -39,21 +39,12 @@ class AtomTable:
         self._root = None
         return np.arange(start, start + n, dtype=np.int64)
 
-    def union(self, a: int, b: int) -> None:
-        self.union_pairwise(np.asarray([a]), np.asarray([b]))
-
     def union_pairwise(self, a: np.ndarray, b: np.ndarray) -> None:
         """Couple position i of `a` with position i of `b` (e.g. the two operands of a residual add)."""
         if len(a):
             self._edges_a.append(np.asarray(a, dtype=np.int64))
             self._edges_b.append(np.asarray(b, dtype=np.int64))
             self._root = None
-
-    def union_all(self, atoms: np.ndarray) -> None:
-        """Merge every atom given into one class (e.g. all channels of one conv group)."""
-        flat = np.asarray(atoms, dtype=np.int64).ravel()
-        if len(flat) > 1:
-            self.union_pairwise(np.full(len(flat) - 1, flat[0]), flat[1:])
 
     def block(self, atoms, reason: str) -> None:
         """Mark the classes of these atoms unprunable, with a reason that names the node."""

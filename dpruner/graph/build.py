@@ -263,7 +263,7 @@ def build_graph(
 
     builder = Builder(
         model,
-        {**rules.MODULE_RULES, **(module_rules or {})},
+        {**rules.MODULE_RULES, **rules.library_module_rules(), **(module_rules or {})},
         {**rules.FUNCTION_RULES, **(function_rules or {})},
         {**rules.METHOD_RULES, **(method_rules or {})},
     )

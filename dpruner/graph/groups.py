@@ -68,27 +68,37 @@ def channel_groups(graph: DependencyGraph, *, exclude: tuple[str, ...] = ()) -> 
     all_roots = np.unique(np.concatenate([r for r in slot_roots.values()] or [np.zeros(0, np.int64)]))
     slot_classes = {key: np.searchsorted(all_roots, r) for key, r in slot_roots.items()}
 
-    members: dict[int, list[tuple]] = {}
-    first_seen: dict[int, int] = {}
-    for order, (key, roots) in enumerate(slot_roots.items()):
-        unique, first = np.unique(roots, return_index=True)
-        for root in unique[np.argsort(first)].tolist():
-            members.setdefault(root, []).append(key)
-            first_seen.setdefault(root, order)
-    producers = {key for key, slot in graph.slots.items() if slot.role == "out"}
-    bundles: dict[tuple, list[int]] = {}
-    for root in sorted(members, key=lambda r: (first_seen[r], r)):
-        keys = tuple(members[root])
-        has_producer = any(k in producers for k in keys)
-        reasons = blocked.get(root, [])
-        status = "ok" if has_producer and not reasons else "blocked"
-        bundles.setdefault((keys, status), []).append(root)
-    groups = []
-    for (keys, status), roots in bundles.items():
+    # Which slots each class touches, vectorised (depthwise nets have tens of thousands of classes): unique
+    # (class, slot) pairs sorted by class, then slot order. Classes touching the same set of slots (and equally
+    # prunable) form one group; sets are compared through a seeded random 64-bit sum per set (for a thousand
+    # distinct sets a collision has a chance of about 1e-13).
+    keys = list(slot_classes)
+    n_keys = max(len(keys), 1)
+    pairs = np.unique(np.concatenate([dense * n_keys + order for order, dense in enumerate(slot_classes.values())]
+                                     or [np.zeros(0, np.int64)]))
+    groups: list[Group] = []
+    if not len(pairs):
+        return ChannelIndex(all_roots, slot_classes, groups, blocked)
+    cls, order = pairs // n_keys, pairs % n_keys
+    starts = np.flatnonzero(np.r_[True, cls[1:] != cls[:-1]])
+    salts = np.random.default_rng(0).integers(0, 2**63, size=n_keys + 1, dtype=np.int64).astype(np.uint64)
+    producers = np.array([graph.slots[k].role == "out" for k in keys])
+    roots = all_roots[cls[starts]]
+    ok = np.logical_or.reduceat(producers[order], starts) & ~np.isin(roots, list(blocked))
+    signature = np.add.reduceat(salts[order], starts) + ok.astype(np.uint64) * salts[-1]  # uint64 sums wrap: fine
+    # Classes in order of the first slot they appear in, then by root: this fixes group and channel numbering.
+    perm = np.lexsort((roots, order[starts]))
+    _, bundle_of = np.unique(signature[perm], return_inverse=True)
+    _, first = np.unique(bundle_of, return_index=True)
+    for bundle in bundle_of[np.sort(first)].tolist():
+        members = perm[bundle_of == bundle]
+        i = int(members[0])
+        slots = [keys[o] for o in order[starts[i] : (starts[i + 1] if i + 1 < len(starts) else len(order))].tolist()]
+        status_ok = bool(ok[i])
         reasons: list[str] = []
-        for root in roots:
-            for reason in blocked.get(root, []) or (["no layer produces these channels"] if status != "ok" else []):
+        for root in roots[members].tolist():
+            for reason in blocked.get(root, []) or ([] if status_ok else ["no layer produces these channels"]):
                 if reason not in reasons:
                     reasons.append(reason)
-        groups.append(Group(len(groups), roots, list(keys), status == "ok", reasons))
+        groups.append(Group(len(groups), roots[members].tolist(), slots, status_ok, reasons))
     return ChannelIndex(all_roots, slot_classes, groups, blocked)

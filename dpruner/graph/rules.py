@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import math
 import operator
+import sys
 
 import numpy as np
 import torch
@@ -107,10 +108,16 @@ def conv(b, node, name: str, m: nn.Module):
     b.slot(name, "in", x.atoms)
     out = b.producer(name, m.out_channels)
     if m.groups > 1:
-        ig, og = m.in_channels // m.groups, m.out_channels // m.groups
-        for g in range(m.groups):
-            b.atoms.union_all(np.concatenate([x.atoms[g * ig : (g + 1) * ig], out[g * og : (g + 1) * og]]))
+        # One row per conv group: its input channels, then its output channels; all of a row form one class.
+        rows = np.concatenate([x.atoms.reshape(m.groups, -1), out.reshape(m.groups, -1)], axis=1)
+        _union_rows(b, rows)
     return Chan(1, out)
+
+
+def _union_rows(b, rows: np.ndarray) -> None:
+    """Merge the atoms of each row of a 2-D array into one class (vectorised: thousands of depthwise channels)."""
+    if rows.shape[1] > 1:
+        b.atoms.union_pairwise(np.repeat(rows[:, 0], rows.shape[1] - 1), rows[:, 1:].ravel())
 
 
 def linear(b, node, name: str, m: nn.Linear):
@@ -143,9 +150,7 @@ def groupnorm(b, node, name: str, m: nn.GroupNorm):
     x = _layer_input(b, node, 1, "GroupNorm")
     if x is None or x.axis != 1 or len(x) != m.num_channels:
         return b.unknown(node, "GroupNorm on a tensor whose channels are not on dim 1")
-    size = m.num_channels // m.num_groups
-    for g in range(m.num_groups):
-        b.atoms.union_all(x.atoms[g * size : (g + 1) * size])
+    _union_rows(b, x.atoms.reshape(m.num_groups, -1))
     b.slot(name, "norm", x.atoms)
     return x
 
@@ -617,3 +622,14 @@ SHAPE_PRESERVING_FUNCTIONS = frozenset(_ELEMENTWISE_FUNCTIONS)
 # (not .contiguous(): a later .view() needs the layout it produces)
 SHAPE_PRESERVING_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "detach", "hardtanh_",
                                       "clamp", "clamp_"})
+
+
+def library_module_rules() -> dict:
+    """Rules for well-known blocks outside torch.nn, for libraries this process has already imported (dpruner never
+    imports them itself). They are traced as leaves: torchvision's StochasticDepth scales whole samples (never mixes
+    channels), and as a leaf it keeps EfficientNet's train-mode graph identical to eval mode (one trace, not two)."""
+    rules: dict = {}
+    ops = sys.modules.get("torchvision.ops")
+    if ops is not None and hasattr(ops, "StochasticDepth"):
+        rules[ops.StochasticDepth] = passthrough
+    return rules

@@ -24,8 +24,10 @@ class PruningTracer(fx.Tracer):
     """
 
     def __init__(self, leaf_modules: Iterable[type] = ()):
+        from dpruner.graph.rules import library_module_rules
+
         super().__init__()
-        self.leaf_types = tuple(leaf_modules)
+        self.leaf_types = (*leaf_modules, *library_module_rules())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -62,7 +64,8 @@ class _ShapeRecorder(fx.Interpreter):
         if not self.shortcuts:
             return None
         if n.op == "call_module":
-            keep = isinstance(self.module.get_submodule(n.target), rules.SHAPE_PRESERVING_MODULES)
+            keep = isinstance(self.module.get_submodule(n.target),
+                              (*rules.SHAPE_PRESERVING_MODULES, *rules.library_module_rules()))
         elif n.op == "call_function":
             keep = n.target in rules.SHAPE_PRESERVING_FUNCTIONS and not n.kwargs.get("out")
         elif n.op == "call_method":
