@@ -8,6 +8,8 @@ import typer
 
 from dpruner import __version__
 from dpruner.cli import analyze as analyze_cmd
+from dpruner.cli import evaluate as evaluate_cmd
+from dpruner.cli import finetune as finetune_cmd
 from dpruner.cli import prune as prune_cmd
 
 app = typer.Typer(
@@ -21,6 +23,8 @@ app = typer.Typer(
 )
 app.command("analyze", help=analyze_cmd.HELP)(analyze_cmd.analyze)
 app.command("prune", help=prune_cmd.HELP)(prune_cmd.prune)
+app.command("evaluate", help=evaluate_cmd.HELP)(evaluate_cmd.evaluate)
+app.command("finetune", help=finetune_cmd.HELP)(finetune_cmd.finetune)
 
 
 def _version(value: bool) -> None:

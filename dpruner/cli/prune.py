@@ -8,11 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from dpruner.cli import training as t
 from dpruner.cli.errors import handle_errors
 from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustOpt
 from dpruner.cli.output import emit_json, human, stderr_console, stdout_console
 
-HELP = "Remove whole filters/channels to reach a MACs or params ratio (--ratio 2x) or a sparsity; writes a dense smaller model."
+HELP = ("Remove whole filters/channels to reach a MACs or params ratio (--ratio 2x), a sparsity, or the smallest model "
+        "within an accuracy tolerance (--tolerance 1% --data ...); writes a dense smaller model.")
 SCHEMA_VERSION = 1
 
 
@@ -22,13 +24,30 @@ def prune(
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pruned dpruner checkpoint (never the input file).")],
     ratio: Annotated[Optional[str], typer.Option("--ratio", help="Target compression, e.g. 2x: the target quantity ends at most 1/2 of the original (within 5%).")] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Alternative to --ratio: the fraction of every channel group to remove, e.g. 0.3.")] = None,
+    tolerance: Annotated[Optional[str], typer.Option("--tolerance", help="Alternative to --ratio: at most this many points of top-1 accuracy lost on the validation split, e.g. 1% or 0.01 (needs --data; Play-and-Prune controller).")] = None,
+    data: t.DataOpt = None,
+    budget_epochs: Annotated[float, typer.Option("--budget-epochs", help="With --data: all fine-tuning epochs (steps, recovery and the final fine-tune; after --ratio: the fine-tune).")] = 10.0,
+    step_epochs: Annotated[float, typer.Option("--step-epochs", help="--tolerance: fine-tuning epochs per pruning step (fractions allowed).")] = 1.0,
+    max_ratio: Annotated[Optional[str], typer.Option("--max-ratio", help="--tolerance: never compress MACs beyond this, e.g. 4x.")] = None,
+    distill: Annotated[bool, typer.Option("--distill/--no-distill", help="With --data: distil from the unpruned model while fine-tuning.")] = True,
+    penalty: Annotated[float, typer.Option("--penalty", help="--tolerance: strength of the L1 push on the channels about to be removed (1.0: enough to zero them over a step; 0: off).")] = 1.0,
+    lr: t.LrOpt = 0.01,
+    weight_decay: t.WeightDecayOpt = 5e-4,
+    label_smoothing: t.LabelSmoothingOpt = 0.1,
+    warmup_epochs: t.WarmupOpt = 0.0,
+    batch_size: t.BatchSizeOpt = 128,
+    val_fraction: t.ValFractionOpt = 0.1,
+    workers: t.WorkersOpt = 0,
+    device: t.DeviceOpt = "auto",
+    download: t.DownloadOpt = False,
+    quiet: t.QuietOpt = False,
     target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs or params.")] = "macs",
-    method: Annotated[str, typer.Option("--method", help="Channel criterion: l1, l2, fpgm, bn, random.")] = "l2",
+    method: Annotated[Optional[str], typer.Option("--method", help="Channel criterion: l1, l2, fpgm, bn, random (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group) or global (one threshold over normalised scores).")] = "uniform",
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Protect layers whose name matches this glob (repeatable), e.g. 'features.0*'.")] = None,
     round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep each group's channel count a multiple of this (e.g. 8).")] = 1,
     max_fraction: Annotated[float, typer.Option("--max-fraction", help="At most this share of any group is removed.")] = 0.9,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the random criterion (other criteria are deterministic).")] = 0,
+    seed: t.SeedOpt = 0,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     input_shape: InputShapeOpt = None,
@@ -36,10 +55,11 @@ def prune(
     leaf: LeafOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Prune MODEL one-shot (no data, no fine-tuning) and write the result to OUTPUT."""
+    """Prune MODEL and write the result to OUTPUT: one-shot (no data), or with --data fine-tuned after pruning,
+    or to an accuracy tolerance (--tolerance: prune, fine-tune, measure, adapt the rate; rank 0 writes)."""
     import torch
 
-    from dpruner.errors import ArchError, EXIT_TARGET_NOT_MET
+    from dpruner.errors import ArchError, EXIT_TARGET_NOT_MET, InputError
     from dpruner.io import load_checkpoint, save_checkpoint
     from dpruner.io.arch import resolve_class
     from dpruner.io.atomic import check_not_input
@@ -47,7 +67,12 @@ def prune(
     from dpruner.methods.api import parse_ratio, prune as run_prune
 
     check_not_input(output, [model])
+    if tolerance is not None and (ratio is not None or sparsity is not None):
+        raise InputError("Give one of --ratio, --sparsity and --tolerance.")
+    if tolerance is not None and data is None:
+        raise InputError("--tolerance needs --data: accuracy is measured on its validation split.")
     err = stderr_console()
+    method = method or ("l1" if tolerance is not None else "l2")
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     if loaded.arch is None:
         raise ArchError(
@@ -55,14 +80,16 @@ def prune(
             "with a factory that builds it."
         )
     shape, origin = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch)
-    if origin == "torchvision default":
+    if origin == "torchvision default" and data is None:
         err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} (torchvision default; set --input-shape)[/dim]")
+    leaves = tuple(resolve_class(item) for item in leaf or ())
     torch.manual_seed(seed)
+    if data is not None:
+        return _prune_with_data(**locals())
     result = run_prune(
         loaded.model, torch.randn(*shape), ratio=parse_ratio(ratio) if ratio is not None else None,
         sparsity=sparsity, target=target, method=method, allocation=allocation, exclude=tuple(exclude or ()),
-        round_to=round_to, max_fraction=max_fraction, seed=seed,
-        leaf_modules=tuple(resolve_class(item) for item in leaf or ()),
+        round_to=round_to, max_fraction=max_fraction, seed=seed, leaf_modules=leaves,
     )
     meta = {**loaded.meta, "pruned": {"method": method, "allocation": allocation, "target": target,
                                       "requested": result.requested, "ratio": result.ratio, "source": str(model)}}
@@ -80,15 +107,117 @@ def prune(
         raise typer.Exit(EXIT_TARGET_NOT_MET)
 
 
+def _prune_with_data(*, model, output, ratio, sparsity, tolerance, data, budget_epochs, step_epochs, max_ratio,
+                     distill, penalty, lr, weight_decay, label_smoothing, warmup_epochs, batch_size, val_fraction,
+                     workers, device, download, quiet, target, method, allocation, exclude, round_to, max_fraction,
+                     seed, json_output, loaded, shape, leaves, err, **_):
+    """--data given: prune to a tolerance (Play-and-Prune), or prune to a ratio/sparsity and fine-tune after."""
+    import copy
+
+    import torch
+
+    from dpruner.errors import EXIT_TARGET_NOT_MET
+    from dpruner.io import save_checkpoint
+    from dpruner.methods.api import parse_ratio, prune as run_prune
+    from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance, prune_to_tolerance, to_json_history
+    from dpruner.train.api import evaluate_splits
+    from dpruner.train.distributed import setup
+    from dpruner.train.loop import fit
+
+    ctx, dev = setup(device)
+    bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
+                           val_fraction=val_fraction, seed=seed, download=download, ctx=ctx)
+    config = t.train_config(epochs=budget_epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                            warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet,
+                            batch_size=batch_size)
+    example = torch.randn(*shape)
+    original = loaded.model
+    base = evaluate_splits(original.to(dev), bundle, dev, ctx=ctx)
+    original.cpu()
+    log = (lambda message: err.print(f"[dim]{message}[/dim]")) if ctx.is_main and not quiet else (lambda m: None)
+    document = {"schema": SCHEMA_VERSION, "input": str(model), "output": str(output), "arch": loaded.arch,
+                "input_shape": list(shape), "data": bundle.name, "method": method, "device": str(dev),
+                "world_size": ctx.world_size}
+    if tolerance is not None:
+        tol = parse_tolerance(tolerance)
+        cfg = ToleranceConfig(tolerance=tol, budget_epochs=budget_epochs, step_epochs=step_epochs,
+                              max_ratio=parse_ratio(max_ratio) if max_ratio else None, penalty=penalty,
+                              method=method, max_fraction=max_fraction, round_to=round_to,
+                              exclude=tuple(exclude or ()))
+        result = prune_to_tolerance(original, example, bundle, cfg, config, device=dev, ctx=ctx, distill=distill,
+                                    leaf_modules=leaves, log=log)
+        pruned, plans, met = result.model, result.plans, result.met
+        history, used = to_json_history(result.history), result.epochs_used
+        requested = {"tolerance": tol, "max_ratio": cfg.max_ratio}
+    else:
+        teacher = copy.deepcopy(original).to(dev).eval() if distill else None
+        one_shot = run_prune(copy.deepcopy(original), example, ratio=parse_ratio(ratio) if ratio else None,
+                             sparsity=sparsity, target=target, method=method, allocation=allocation,
+                             exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
+                             leaf_modules=leaves)
+        pruned, plans, met = one_shot.model, [one_shot.plan], one_shot.target_met
+        used = fit(pruned.to(dev), bundle, config, device=dev, ctx=ctx, teacher=teacher,
+                   description="fine-tune").epochs
+        history, requested = [], one_shot.requested
+    after = evaluate_splits(pruned.to(dev), bundle, dev, ctx=ctx)
+    pruned.cpu().eval()
+    if not ctx.is_main:
+        return
+    from dpruner.metrics.macs import count_macs, count_params
+
+    def sizes(m, acc):
+        out = {"params": count_params(m), "macs": count_macs(m, example).total, "accuracy": acc["val"].accuracy}
+        if "test" in acc:
+            out["test_accuracy"] = acc["test"].accuracy
+        return out
+
+    before_doc, after_doc = sizes(original, base), sizes(pruned, after)
+    document.update({
+        "before": before_doc, "after": after_doc,
+        "ratio": {k: before_doc[k] / max(after_doc[k], 1) for k in ("params", "macs")},
+        "tolerance": requested.get("tolerance"), "requested": requested, "target_met": met,
+        "epochs_used": used, "history": history,
+    })
+    if met:
+        meta = {**loaded.meta, "pruned": {"method": method, "data": bundle.name, "requested": requested,
+                                          "ratio": document["ratio"], "source": str(model),
+                                          "val_accuracy": after_doc["accuracy"],
+                                          "test_accuracy": after_doc.get("test_accuracy")}}
+        save_checkpoint(output, pruned, inputs=[model], arch=loaded.arch, num_classes=loaded.num_classes,
+                        input_shape=shape, plan=[*(loaded.plan or []), *plans], meta=meta)
+    else:
+        document["output"] = None
+    if json_output:
+        emit_json(document)
+    else:
+        render(document)
+    if not met:
+        if tolerance is not None:
+            err.print("error: even the first pruning step lost more accuracy than --tolerance allows; nothing was "
+                      "written (try a smaller --step-epochs rate, a larger --budget-epochs or tolerance).")
+        else:
+            err.print(f"error: the requested ratio was not reached; the model was not written.")
+        raise typer.Exit(EXIT_TARGET_NOT_MET)
+
+
 def render(doc: dict) -> None:
     out = stdout_console()
-    table = Table(title=f"{doc['input']} -> {doc['output']}  ({doc['method']}, {doc['allocation']})")
+    out.print(f"{doc['input']} -> {doc['output']}  ({doc['method']}{', ' + doc['allocation'] if 'allocation' in doc else ''})")
+    table = Table()
     for header in ("", "before", "after", "ratio"):
         table.add_column(header, justify="right" if header else "left")
     for key in ("params", "macs"):
         table.add_row(key.upper() if key == "macs" else key, human(doc["before"][key]), human(doc["after"][key]),
                       f"{doc['ratio'][key]:.2f}x")
+    for key, label in (("accuracy", "val top-1"), ("test_accuracy", "test top-1")):
+        if key in doc["before"]:
+            delta = 100 * (doc["after"][key] - doc["before"][key])
+            table.add_row(label, t.percent(doc["before"][key]), t.percent(doc["after"][key]), f"{delta:+.2f} pt")
     out.print(table)
+    if "history" in doc:
+        out.print(f"{len([h for h in doc['history'] if h.get('accepted') and h['action'] != 'final'])} accepted steps, "
+                  f"{doc['epochs_used']:.2f} fine-tuning epochs on {doc['data']}.")
+        return
     pruned = [g for g in doc["groups"] if g["kept"] < g["channels"]]
     out.print(f"{len(pruned)} of {len(doc['groups'])} prunable channel groups pruned.")
     if doc["unprunable"]:

@@ -95,3 +95,31 @@ def _per_channel(rows: torch.Tensor, channel_of_position: np.ndarray, n: int) ->
         matrix[c, : block.numel()] = block
         start += k
     return matrix
+
+
+def channel_parameters(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
+                       removed: np.ndarray) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """The live parameters that compute the channels flagged in `removed` (per dense class): (tensor, dim, indices)
+    for every producing layer's weight rows and bias entries, and every norm's affine entries. Gradients flow
+    through them, so a penalty on them (Play-and-Prune's sparsity term) pushes exactly those channels to zero."""
+    out = []
+    gone = np.nonzero(removed)[0]
+    for key, slot in graph.slots.items():
+        if slot.role not in ("out", "norm"):
+            continue
+        positions = np.nonzero(np.isin(index.slot_classes[key], gone))[0]
+        module = graph.modules.get(slot.module)
+        if not len(positions) or module is None:
+            continue
+        idx = torch.as_tensor(positions)
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        weight_dim = 0
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            if module.groups > 1:
+                continue  # output channels are spread over (group, column) pairs: no penalty, surgery still works
+            weight_dim = 1
+        if isinstance(weight, nn.Parameter):
+            out.append((weight, weight_dim, idx))
+        if isinstance(bias, nn.Parameter):
+            out.append((bias, 0, idx))
+    return out

@@ -1,0 +1,51 @@
+"""Options shared by the commands that read data or train (evaluate, finetune, prune --tolerance), declared once,
+and the glue that turns them into library objects."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: digits, imagefolder:ROOT, cifar10:ROOT, cifar100:ROOT or python:file.py:fn (docs/data.md).")]
+ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Share of the training split held out for validation (tolerance decisions); never trained on.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size per process.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data-loading worker processes.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda when available).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for splits, shuffling, augmentation and initialisation: the same seed gives the same result on CPU.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (they are also off when stderr is not a terminal).")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="cifar10:/cifar100: only: download the data set into ROOT if it is missing.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (SGD, Nesterov momentum 0.9, cosine schedule).")]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay (not applied to biases and norm parameters).")]
+LabelSmoothingOpt = Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the cross-entropy loss.")]
+WarmupOpt = Annotated[float, typer.Option("--warmup-epochs", help="Linear learning-rate warm-up, in epochs (fractions allowed).")]
+
+
+def train_config(*, epochs: float, lr: float, weight_decay: float, label_smoothing: float, warmup_epochs: float,
+                 device: str, seed: int, quiet: bool, batch_size: int):
+    from dpruner.errors import InputError
+    from dpruner.train.config import TrainConfig
+
+    if lr <= 0 or weight_decay < 0 or not 0 <= label_smoothing < 1 or warmup_epochs < 0:
+        raise InputError("--lr must be positive, --weight-decay and --warmup-epochs non-negative, and "
+                         "--label-smoothing in [0, 1).")
+    del batch_size  # part of the data bundle, listed here so callers pass every training knob in one place
+    return TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                       warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet)
+
+
+def load_bundle(spec: str | None, *, input_shape, batch_size: int, workers: int, val_fraction: float, seed: int,
+                download: bool, ctx):
+    """The data set for a model whose input is `input_shape` (C,H,W or N,C,H,W; None: the data's own size)."""
+    from dpruner.data.loaders import load_data
+    from dpruner.errors import InputError
+
+    if spec is None:
+        raise InputError("This command needs --data (e.g. --data digits or --data imagefolder:ROOT).")
+    image_size = int(input_shape[-1]) if input_shape is not None else None
+    return load_data(spec, batch_size=batch_size, workers=workers, val_fraction=val_fraction, seed=seed,
+                     download=download, image_size=image_size, rank=ctx.rank, world_size=ctx.world_size)
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"

@@ -1,0 +1,293 @@
+"""Pruning to an accuracy tolerance: the Play-and-Prune controller (Singh et al., IJCAI'19), on dpruner's engine.
+
+The user gives the accuracy they can lose, not a pruning level. State: the pruning rate r (which sets the
+threshold W on normalised criterion scores: W is the r-quantile of the current model's scores, each divided by its
+group's mean so layers compare) and the last model that met the tolerance. Each step (Adaptive Filter Pruning):
+  1. score the current model; U = channels whose normalised score is below W (global allocation, with a cap per
+     group so no layer vanishes);
+  2. fine-tune `step_epochs` on the task loss (+ distillation) + sum over U of lambda * |theta|, an L1 penalty on
+     every parameter computing a U channel (filter rows, bias, and the norm's gamma/beta: BatchNorm would undo a
+     shrink of the filter alone), so capacity moves out of U before it goes. lambda is set per tensor so that the
+     penalty alone would move U's weights by `penalty` times their mean magnitude over the step (SGD with
+     momentum mu moves a weight by about lr * lambda / (1 - mu) per step): a raw lambda would depend on the
+     layer's scale and on the step's length;
+  3. remove U physically and measure validation accuracy A_t.
+Pruning Rate Controller: margin m = A_t - (A_orig - tolerance), in accuracy points.
+  - m >= 0: accept (this is the new last good model) and raise the rate in proportion to the headroom:
+    r <- r * (1 + gain * m / tolerance), m / tolerance capped at 2 -- larger steps while there is room;
+  - m < 0: "play": fine-tune without the penalty, `step_epochs` at a time, up to `recover_epochs`, until m >= 0
+    (accept, and r <- r * shrink: smaller steps near the edge); if it does not recover, roll back to the last good
+    model and r <- r * shrink.
+Stop when the rate falls below `min_step`, after `max_failures` failed steps in a row, when `max_ratio` is
+reached, or when the budget (minus the final fine-tune) is spent. Then fine-tune the
+last good model for the rest of the budget; if that ends below the tolerance (rare), the pre-fine-tune weights are
+kept, so the result always meets the tolerance on the validation split.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpruner.errors import InputError
+from dpruner.methods.api import analyze_groups, score_groups
+from dpruner.methods.cost import build_cost_model
+from dpruner.methods.oneshot import Allocation, normalized, search, select
+from dpruner.metrics.macs import count_macs, count_params
+from dpruner.surgery.plan import apply_plan, make_plan
+from dpruner.surgery.views import channel_parameters
+from dpruner.train.config import TrainConfig
+from dpruner.train.distributed import DistContext
+from dpruner.train.evaluate import evaluate
+from dpruner.train.loop import fit
+
+
+@dataclass(frozen=True)
+class ToleranceConfig:
+    """Knobs of the controller; see the module docstring for what each does."""
+
+    tolerance: float  # accuracy points as a fraction: 0.01 = at most 1 point of top-1 lost on validation
+    budget_epochs: float = 10.0  # all fine-tuning, steps + recovery + final
+    step_epochs: float = 1.0
+    final_epochs: float | None = None  # default: 30% of the budget (at least one step's worth)
+    recover_epochs: float | None = None  # default: 2 steps' worth
+    initial_rate: float = 0.1  # share of prunable channels the first step removes
+    max_rate: float = 0.5  # no step removes more than this share
+    gain: float = 0.5
+    shrink: float = 0.5
+    min_step: float = 0.01  # stop when the rate falls below this share of the prunable channels
+    max_failures: int = 3
+    max_ratio: float | None = None  # cap on the MACs ratio
+    penalty: float = 1.0  # strength of the L1 term on U, relative (see the module docstring); 0 turns it off
+    method: str = "l1"
+    max_fraction: float = 0.9
+    round_to: int = 1
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not 0 < self.tolerance < 1:
+            raise InputError(f"--tolerance must lie between 0% and 100% (exclusive), got {100 * self.tolerance:g}%.")
+        if self.budget_epochs <= 0 or self.step_epochs <= 0:
+            raise InputError("--budget-epochs and --step-epochs must be positive.")
+        if self.max_ratio is not None and self.max_ratio <= 1:
+            raise InputError(f"--max-ratio must be greater than 1, got {self.max_ratio:g}.")
+
+    @property
+    def final(self) -> float:
+        return self.final_epochs if self.final_epochs is not None else max(self.step_epochs, 0.3 * self.budget_epochs)
+
+    @property
+    def recover(self) -> float:
+        return self.recover_epochs if self.recover_epochs is not None else 2 * self.step_epochs
+
+
+@dataclass
+class ToleranceResult:
+    model: nn.Module  # the last model that met the tolerance, fine-tuned
+    plans: list[dict]  # one plan per accepted step, replayable on the original architecture
+    met: bool  # False when not even the first step met the tolerance (model is then the original)
+    before: dict  # params, macs, accuracy (validation) [, test_accuracy]
+    after: dict
+    history: list[dict] = field(default_factory=list)
+    epochs_used: float = 0.0
+
+    @property
+    def ratio(self) -> dict:
+        return {k: self.before[k] / max(self.after[k], 1) for k in ("params", "macs")}
+
+
+def parse_tolerance(text: str | float) -> float:
+    """'1%' -> 0.01 and '0.01' -> 0.01 (a bare number >= 1 is read as percent points: '1' -> 0.01)."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        cleaned = text.strip()
+        percent = cleaned.endswith("%")
+        try:
+            value = float(cleaned.rstrip("%").strip())
+        except ValueError:
+            raise InputError(f"--tolerance must look like 1% or 0.01, got '{text}'.") from None
+        if percent or value >= 1:
+            value /= 100
+    if not 0 < value < 1:
+        raise InputError(f"--tolerance must lie strictly between 0% and 100%, got '{text}'.")
+    return value
+
+
+def _measure(model: nn.Module, example: torch.Tensor) -> dict:
+    return {"params": count_params(model), "macs": count_macs(model, example).total}
+
+
+def _penalty(params: list[tuple[torch.Tensor, int, torch.Tensor]], strength: float, train: TrainConfig,
+             steps: int) -> Callable | None:
+    """sum_t lambda_t * |theta_t[U]|_1 with lambda_t = strength * mean|theta_t[U]| * (1 - mu) / (mean lr * steps);
+    the cosine schedule's mean LR is half the peak."""
+    if not params or strength <= 0:
+        return None
+    mean_lr = 0.5 * train.lr
+    scale = strength * (1 - train.momentum) / (mean_lr * max(steps, 1))
+    weights = [scale * float(p.detach().index_select(dim, idx).abs().mean()) for p, dim, idx in params]
+
+    def term(_model) -> torch.Tensor:
+        return sum(w * p.index_select(dim, idx.to(p.device)).abs().sum() for w, (p, dim, idx) in zip(weights, params))
+    return term
+
+
+def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: ToleranceConfig,
+                       train: TrainConfig, *, device: torch.device | str = "cpu", ctx: DistContext = DistContext(),
+                       distill: bool = True, leaf_modules: Iterable[type] = (),
+                       on_step: Callable[[dict], None] | None = None,
+                       log: Callable[[str], None] = lambda message: None) -> ToleranceResult:
+    """Run the controller on `model` (not modified: it is copied) and return the smallest model found that stays
+    within `config.tolerance` of its validation accuracy. `on_step(entry)` sees every history entry."""
+    device = torch.device(device)
+    example = example.to("cpu")
+    original = copy.deepcopy(model).cpu().eval()
+    teacher = copy.deepcopy(original).to(device).eval() if distill else None
+    for p in teacher.parameters() if teacher is not None else ():
+        p.requires_grad_(False)
+    base = _measure(original, example)
+    base_acc = evaluate(original.to(device), data.val, device, ctx=ctx).accuracy
+    original.cpu()
+    floor = base_acc - config.tolerance
+    before = {**base, "accuracy": base_acc}
+    alloc = Allocation("global", config.max_fraction, config.round_to)
+    history: list[dict] = []
+    used = 0.0
+    step_no = 0
+
+    def record(entry: dict) -> None:
+        entry = {"step": step_no, "epochs_used": round(used, 4), **entry}
+        history.append(entry)
+        if on_step is not None:
+            on_step(entry)
+        log(_describe(entry))
+
+    good_model, good_plans, good_acc = copy.deepcopy(original), [], base_acc
+    record({"action": "start", "val_accuracy": base_acc, "floor": floor, **base,
+            "ratio_macs": 1.0, "ratio_params": 1.0})
+    rate = config.initial_rate
+    failures = 0
+    current = copy.deepcopy(original)
+    loop_budget = config.budget_epochs - config.final
+    while used + config.step_epochs <= loop_budget + 1e-9 and failures < config.max_failures:
+        step_no += 1
+        current.cpu().eval()
+        graph, index = analyze_groups(current, example, exclude=config.exclude, leaf_modules=leaf_modules)
+        scores = score_groups(current, graph, index, config.method)
+        n_prunable = sum(len(g) for g in index.groups if g.prunable)
+        if not scores or n_prunable == 0:
+            record({"action": "stop", "reason": "nothing left to prune"})
+            break
+        if rate < config.min_step:
+            record({"action": "stop", "reason": f"the pruning rate fell to {100 * rate:.2f}% (< --min-step)"})
+            break
+        flat = np.concatenate([normalized(s) for s in scores.values()])
+        threshold = float(np.quantile(flat, min(rate, config.max_rate)))
+        removed = select(index, scores, alloc, threshold)
+        capped = False
+        if config.max_ratio is not None:
+            goal = base["macs"] / config.max_ratio
+            macs = count_macs(current, example)
+            cost = build_cost_model(current, graph, index, macs.by_module, macs.total)
+            if cost.estimate(removed)[0] < goal:
+                removed, _ = search(index, scores, alloc, cost, target="macs", goal=goal)
+                capped = True
+        share = float(removed.sum()) / n_prunable
+        if not removed.any():
+            record({"action": "stop", "reason": "every group is at its --max-fraction cap"})
+            break
+        # AFP: fine-tune with the L1 penalty on exactly the channels about to go, then remove them.
+        steps = max(1, round(config.step_epochs * len(data.train)))
+        term = _penalty(channel_parameters(current, graph, index, removed), config.penalty, train, steps)
+        current.to(device)
+        used += fit(current, data, train.with_(epochs=config.step_epochs, seed=train.seed + step_no),
+                    device=device, ctx=ctx, teacher=teacher, penalty=term,
+                    description=f"step {step_no}: fine-tune with penalty").epochs
+        current.cpu().eval()
+        plan = make_plan(graph, index, index.roots[removed])
+        apply_plan(current, plan)
+        sizes = _measure(current, example)
+        acc = evaluate(current.to(device), data.val, device, ctx=ctx).accuracy
+        margin = acc - floor
+        entry = {"rate": rate, "threshold": threshold, "removed_channels": int(removed.sum()), "removed_share": share, **sizes,
+                 "ratio_macs": base["macs"] / sizes["macs"], "ratio_params": base["params"] / sizes["params"],
+                 "val_accuracy": acc, "margin": margin}
+        recovered = False
+        if margin < 0:
+            record({"action": "prune", "accepted": False, **entry})
+            spent = 0.0
+            while margin < 0 and spent + config.step_epochs <= config.recover + 1e-9 \
+                    and used + config.step_epochs <= loop_budget + 1e-9:
+                done = fit(current, data, train.with_(epochs=config.step_epochs, seed=train.seed + 1000 + step_no),
+                           device=device, ctx=ctx, teacher=teacher, description=f"step {step_no}: recover").epochs
+                spent += done
+                used += done
+                acc = evaluate(current, data.val, device, ctx=ctx).accuracy
+                margin = acc - floor
+                entry = {**entry, "val_accuracy": acc, "margin": margin}
+                record({"action": "recover", "accepted": margin >= 0, **entry})
+            recovered = margin >= 0
+        if margin >= 0:
+            if not recovered:
+                record({"action": "prune", "accepted": True, **entry})
+            good_model, good_plans, good_acc = copy.deepcopy(current).cpu(), [*good_plans, plan], acc
+            failures = 0
+            rate *= config.shrink if recovered else 1 + config.gain * min(margin / config.tolerance, 2.0)
+            if capped:
+                record({"action": "stop", "reason": f"--max-ratio {config.max_ratio:g} reached"})
+                break
+        else:
+            failures += 1
+            current = copy.deepcopy(good_model)
+            rate *= config.shrink
+            record({"action": "rollback", "rate": rate, "val_accuracy": good_acc,
+                    "reason": "tolerance exceeded; back to the last good model with a smaller step"})
+    else:
+        record({"action": "stop", "reason": "budget spent" if failures < config.max_failures
+                else f"{config.max_failures} failed steps in a row"})
+
+    met = bool(good_plans)
+    final_model = good_model.to(device)
+    if met:
+        remaining = max(config.budget_epochs - used, 0.0)
+        if remaining > 0:
+            snapshot = copy.deepcopy(final_model.state_dict())
+            used += fit(final_model, data, train.with_(epochs=remaining, seed=train.seed + 2000),
+                        device=device, ctx=ctx, teacher=teacher, description="final fine-tune").epochs
+            acc = evaluate(final_model, data.val, device, ctx=ctx).accuracy
+            kept = acc >= floor
+            if not kept:
+                final_model.load_state_dict(snapshot)
+                acc = good_acc
+            good_acc = acc
+            record({"action": "final", "accepted": kept, "val_accuracy": acc, "margin": acc - floor,
+                    "epochs": remaining})
+    final_model.cpu().eval()
+    after = {**_measure(final_model, example), "accuracy": good_acc}
+    return ToleranceResult(final_model, good_plans, met, before, after, history, used)
+
+
+def _describe(entry: dict) -> str:
+    action = entry["action"]
+    if action in ("start", "prune", "recover", "final"):
+        parts = [f"step {entry['step']} {action}"]
+        if "ratio_macs" in entry:
+            parts.append(f"MACs {entry['ratio_macs']:.2f}x params {entry['ratio_params']:.2f}x")
+        parts.append(f"val {100 * entry['val_accuracy']:.2f}%")
+        if "accepted" in entry:
+            parts.append("ok" if entry["accepted"] else "over tolerance")
+        parts.append(f"epochs {entry['epochs_used']:.2f}")
+        return "  ".join(parts)
+    return f"step {entry['step']} {action}: {entry.get('reason', '')}"
+
+
+def to_json_history(history: list[dict]) -> list[dict]:
+    """History entries as plain JSON (floats rounded for reading)."""
+    return [{k: round(v, 6) if isinstance(v, float) else v for k, v in e.items()} for e in history]
+

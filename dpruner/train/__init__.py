@@ -1,0 +1,1 @@
+"""Fine-tuning: the training loop, evaluation, distributed (torchrun) support, progress and resumable state."""

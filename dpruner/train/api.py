@@ -1,0 +1,79 @@
+"""Library calls behind `dpruner evaluate` and `dpruner finetune`: evaluation on every split, and fine-tuning with
+an atomic, resumable training state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpruner.errors import InputError
+from dpruner.train.config import TrainConfig
+from dpruner.train.distributed import DistContext, barrier
+from dpruner.train.evaluate import EvalResult, check_compatible, evaluate
+from dpruner.train.loop import FitResult, fit
+
+STATE_FORMAT = "dpruner_train_state"
+
+
+def evaluate_splits(model: nn.Module, data, device: torch.device | str = "cpu", *, ctx: DistContext = DistContext(),
+                    quiet: bool = True) -> dict[str, EvalResult]:
+    """Top-1 accuracy on the validation split and, when the data set has one, the test split."""
+    check_compatible(model, data.val, data.num_classes, "cpu" if device is None else device)
+    out = {"val": evaluate(model, data.val, device, ctx=ctx, quiet=quiet, description="validation")}
+    if data.test is not None:
+        out["test"] = evaluate(model, data.test, device, ctx=ctx, quiet=quiet, description="test")
+    return out
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    fit: FitResult
+    resumed_from_step: int
+
+
+def state_path_for(output: str | Path) -> Path:
+    """Where the resumable state of a run writing `output` lives (beside it; removed when the run completes)."""
+    output = Path(output)
+    return output.with_name(output.name + ".resume")
+
+
+def finetune(model: nn.Module, data, config: TrainConfig, *, device: torch.device | str = "cpu",
+             ctx: DistContext = DistContext(), teacher: nn.Module | None = None, state_path: Path | None = None,
+             resume: bool = False) -> FinetuneResult:
+    """Fine-tune `model` in place. With `state_path`, rank 0 saves the training state there atomically after every
+    epoch; `resume=True` continues from it (same model, data and config), so Ctrl-C or a crash loses at most one
+    epoch. The state file is removed when training completes."""
+    from dpruner.io.atomic import atomic_torch_save
+
+    start = None
+    if resume:
+        if state_path is None or not state_path.is_file():
+            raise InputError(f"--resume was given but there is no saved state at '{state_path}'; run without "
+                             "--resume to start over.")
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise InputError(f"'{state_path}' is not a dpruner training state.")
+        if state["config"] != config.to_json():
+            raise InputError("--resume needs the same training options as the interrupted run (they differ from "
+                             f"those saved in '{state_path}').")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise InputError(f"The model does not match the saved state in '{state_path}'.") from None
+        start = state["train"]
+
+    def save(train_state: dict) -> None:
+        if state_path is not None and ctx.is_main:
+            payload = {"format": STATE_FORMAT, "config": config.to_json(), "model": model.state_dict(),
+                       "train": train_state}
+            atomic_torch_save(payload, state_path)
+        barrier(ctx)
+
+    result = fit(model, data, config, device=device, ctx=ctx, teacher=teacher, start=start,
+                 on_epoch_end=save if state_path is not None else None)
+    if state_path is not None and ctx.is_main:
+        state_path.unlink(missing_ok=True)
+    return FinetuneResult(result, int(start["step"]) if start else 0)

@@ -1,0 +1,146 @@
+"""The fine-tuning loop: SGD (Nesterov), cosine schedule with linear warm-up, label smoothing, optional knowledge
+distillation from a teacher and an optional extra penalty (the tolerance controller's sparsity term)."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpruner.train.config import TrainConfig
+from dpruner.train.distributed import DistContext, sum_across
+from dpruner.train.evaluate import _batches
+from dpruner.train.progress import progress_bar, progress_enabled
+
+
+@dataclass(frozen=True)
+class FitResult:
+    epochs: float  # epochs trained by this call (fractional: steps / steps per epoch)
+    steps: int
+    train_loss: float  # mean training loss (including distillation and penalty terms)
+    train_accuracy: float  # top-1 on the augmented training batches seen
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"epochs": self.epochs, "steps": self.steps, "train_loss": self.train_loss,
+                "train_accuracy": self.train_accuracy, "seconds": self.seconds}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm parameters (1-D tensors): decaying them only hurts accuracy."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear from ~0 to 1 over warm-up, then half a cosine down to 0 at the last step."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss: KL(teacher_T || student_T) * T^2 (T^2 keeps gradients at the CE scale)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student.float() / t, 1), F.log_softmax(teacher.float() / t, 1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | str = "cpu",
+        ctx: DistContext = DistContext(), teacher: nn.Module | None = None,
+        penalty: Callable[[nn.Module], torch.Tensor] | None = None, start: dict | None = None,
+        on_epoch_end: Callable[[dict], None] | None = None, description: str = "fine-tune") -> FitResult:
+    """Train `model` in place for config.epochs (fractional allowed) on data.train.
+
+    `start` is a state from on_epoch_end (resume: optimizer, schedule position, RNG). on_epoch_end receives
+    {'step', 'total_steps', 'optimizer', 'rng'} after every full epoch, for the caller to save atomically.
+    With torchrun the model is wrapped in DistributedDataParallel for this call only, so a pruned (reshaped) model
+    can be wrapped again by the next call.
+    """
+    device = torch.device(device)
+    steps_per_epoch = len(data.train)
+    total = max(1, round(config.epochs * steps_per_epoch))
+    cuda = device.type == "cuda"
+    amp = config.amp if config.amp is not None else cuda
+    channels_last = config.channels_last if config.channels_last is not None else cuda
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.to(device).eval()
+    optimizer = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0)
+    warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, max(warmup, 0)))
+    step = 0
+    torch.manual_seed(config.seed)
+    if start is not None:
+        optimizer.load_state_dict(start["optimizer"])
+        step = int(start["step"])
+        schedule.last_epoch = step - 1
+        schedule.step()  # sets the LR for `step`
+        torch.set_rng_state(start["rng"])
+    net = model
+    if ctx.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and cuda else nullcontext()
+    loss_sum = correct = seen = 0.0
+    began = time.perf_counter()
+    model.train()
+    with progress_bar(description, total, progress_enabled(config.quiet, ctx.is_main)) as update:
+        update(advance=step)
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            data.set_epoch(epoch)
+            for i, (x, y) in enumerate(_batches(data.train)):
+                if i < offset:
+                    continue  # resuming inside an epoch: replay the sampler's order, skip what was done
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    logits = net(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target = teacher(x)
+                        loss = ((1 - config.distill_alpha) * loss
+                                + config.distill_alpha * distillation_loss(logits, target, config.distill_temperature))
+                if penalty is not None:
+                    loss = loss + penalty(model)
+                if not torch.isfinite(loss):
+                    from dpruner.errors import DprunerError
+
+                    raise DprunerError(f"The training loss became {float(loss)} at step {step}; lower --lr.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                loss_sum += float(loss.detach()) * len(y)
+                correct += float((logits.argmax(1) == y).sum())
+                seen += len(y)
+                update(loss=loss_sum / seen, acc=correct / seen)
+                if step >= total:
+                    break
+            if on_epoch_end is not None and step % steps_per_epoch == 0 and step < total:
+                on_epoch_end({"step": step, "total_steps": total, "optimizer": optimizer.state_dict(),
+                              "rng": torch.get_rng_state()})
+    loss_sum, correct, seen = sum_across([loss_sum, correct, seen], ctx, device)
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    model.eval()
+    return FitResult(total / steps_per_epoch, total, loss_sum / max(seen, 1), correct / max(seen, 1),
+                     time.perf_counter() - began)
