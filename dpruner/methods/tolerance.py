@@ -27,6 +27,7 @@ kept, so the result always meets the tolerance on the validation split.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -119,7 +120,7 @@ def parse_tolerance(text: str | float) -> float:
     return value
 
 
-def _measure(model: nn.Module, example: torch.Tensor) -> dict:
+def _sizes(model: nn.Module, example: torch.Tensor) -> dict:
     return {"params": count_params(model), "macs": count_macs(model, example).total}
 
 
@@ -142,17 +143,23 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
                        train: TrainConfig, *, device: torch.device | str = "cpu", ctx: DistContext = DistContext(),
                        distill: bool = True, leaf_modules: Iterable[type] = (),
                        on_step: Callable[[dict], None] | None = None,
+                       measure: Callable[[nn.Module], float] | None = None,
                        log: Callable[[str], None] = lambda message: None) -> ToleranceResult:
     """Run the controller on `model` (not modified: it is copied) and return the smallest model found that stays
-    within `config.tolerance` of its validation accuracy. `on_step(entry)` sees every history entry."""
+    within `config.tolerance` of its validation accuracy. `on_step(entry)` sees every history entry; `measure`
+    replaces the accuracy measurement (default: top-1 on data.val, summed over torchrun ranks)."""
     device = torch.device(device)
+    if measure is None:
+        def measure(m: nn.Module) -> float:
+            return evaluate(m.to(device), data.val, device, ctx=ctx).accuracy
+
     example = example.to("cpu")
     original = copy.deepcopy(model).cpu().eval()
     teacher = copy.deepcopy(original).to(device).eval() if distill else None
     for p in teacher.parameters() if teacher is not None else ():
         p.requires_grad_(False)
-    base = _measure(original, example)
-    base_acc = evaluate(original.to(device), data.val, device, ctx=ctx).accuracy
+    base = _sizes(original, example)
+    base_acc = measure(original.to(device))
     original.cpu()
     floor = base_acc - config.tolerance
     before = {**base, "accuracy": base_acc}
@@ -212,8 +219,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         current.cpu().eval()
         plan = make_plan(graph, index, index.roots[removed])
         apply_plan(current, plan)
-        sizes = _measure(current, example)
-        acc = evaluate(current.to(device), data.val, device, ctx=ctx).accuracy
+        sizes = _sizes(current, example)
+        acc = measure(current.to(device))
         margin = acc - floor
         entry = {"rate": rate, "threshold": threshold, "removed_channels": int(removed.sum()), "removed_share": share, **sizes,
                  "ratio_macs": base["macs"] / sizes["macs"], "ratio_params": base["params"] / sizes["params"],
@@ -228,7 +235,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
                            device=device, ctx=ctx, teacher=teacher, description=f"step {step_no}: recover").epochs
                 spent += done
                 used += done
-                acc = evaluate(current, data.val, device, ctx=ctx).accuracy
+                acc = measure(current)
                 margin = acc - floor
                 entry = {**entry, "val_accuracy": acc, "margin": margin}
                 record({"action": "recover", "accepted": margin >= 0, **entry})
@@ -255,12 +262,13 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     met = bool(good_plans)
     final_model = good_model.to(device)
     if met:
-        remaining = max(config.budget_epochs - used, 0.0)
+        batches = len(data.train)  # whole batches only, rounded down: the budget is a hard cap
+        remaining = math.floor(max(config.budget_epochs - used, 0.0) * batches + 1e-9) / batches
         if remaining > 0:
             snapshot = copy.deepcopy(final_model.state_dict())
             used += fit(final_model, data, train.with_(epochs=remaining, seed=train.seed + 2000),
                         device=device, ctx=ctx, teacher=teacher, description="final fine-tune").epochs
-            acc = evaluate(final_model, data.val, device, ctx=ctx).accuracy
+            acc = measure(final_model)
             kept = acc >= floor
             if not kept:
                 final_model.load_state_dict(snapshot)
@@ -269,7 +277,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
             record({"action": "final", "accepted": kept, "val_accuracy": acc, "margin": acc - floor,
                     "epochs": remaining})
     final_model.cpu().eval()
-    after = {**_measure(final_model, example), "accuracy": good_acc}
+    after = {**_sizes(final_model, example), "accuracy": good_acc}
     return ToleranceResult(final_model, good_plans, met, before, after, history, used)
 
 

@@ -89,8 +89,7 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
     if start is not None:
         optimizer.load_state_dict(start["optimizer"])
         step = int(start["step"])
-        schedule.last_epoch = step - 1
-        schedule.step()  # sets the LR for `step`
+        schedule.last_epoch = step  # the saved param groups already hold the LR for `step`
         torch.set_rng_state(start["rng"])
     net = model
     if ctx.enabled:

@@ -1,0 +1,110 @@
+"""The Play-and-Prune controller: it stops within the tolerance, rolls back after a failed step, honours the
+budget and the MACs cap; first with an accuracy oracle (mechanics, fast), then on the real digits sample model."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+import dpruner
+from dpruner.data.loaders import load_data
+from dpruner.errors import InputError
+from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance, prune_to_tolerance
+from dpruner.metrics import count_macs
+from dpruner.train.config import TrainConfig
+from dpruner.train.evaluate import evaluate
+from tests.conftest import ROOT
+
+EXAMPLE = torch.randn(1, 1, 8, 8)
+FAST = TrainConfig(lr=0.01, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", batch_size=128)
+
+
+def vgg():
+    return dpruner.load_model(ROOT / "sample_models" / "digits_vgg.pt")
+
+
+def oracle(limit: float):
+    """Accuracy that is perfect up to `limit`x MACs and collapses beyond: the controller must settle below it."""
+    base = count_macs(vgg(), EXAMPLE).total
+
+    def measure(model):
+        ratio = base / count_macs(model.cpu(), EXAMPLE).total
+        return 0.95 if ratio <= limit else 0.5
+    return measure
+
+
+def test_parse_tolerance_accepts_percent_and_fraction():
+    assert parse_tolerance("1%") == pytest.approx(0.01)
+    assert parse_tolerance("0.01") == pytest.approx(0.01)
+    assert parse_tolerance("2.5%") == pytest.approx(0.025)
+    for bad in ("0%", "100%", "abc", "-1%"):
+        with pytest.raises(InputError):
+            parse_tolerance(bad)
+
+
+def test_stops_below_the_accuracy_cliff_and_rolls_back(digits):
+    config = ToleranceConfig(tolerance=0.01, budget_epochs=3, step_epochs=0.05, final_epochs=0.05,
+                             initial_rate=0.2, max_failures=2)
+    result = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=oracle(2.5))
+    actions = [h["action"] for h in result.history]
+    assert result.met
+    assert 1.0 < result.ratio["macs"] <= 2.5  # never kept a model past the cliff
+    assert "rollback" in actions  # it overshot at least once and went back
+    rejected = [h for h in result.history if h["action"] == "prune" and not h["accepted"]]
+    assert rejected and all(h["ratio_macs"] > 2.5 for h in rejected)
+    # after a rollback the next step is smaller: the rate halves
+    i = actions.index("rollback")
+    assert result.history[i]["rate"] < result.history[i - 1 - sum(
+        1 for h in result.history[:i] if h["action"] == "recover")]["rate"] + 1e-12
+    assert result.after["accuracy"] >= result.before["accuracy"] - config.tolerance
+
+
+def test_honours_the_budget(digits):
+    config = ToleranceConfig(tolerance=0.01, budget_epochs=0.6, step_epochs=0.1, final_epochs=0.1)
+    calls = []
+    measure = oracle(100.0)
+    result = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False,
+                                measure=lambda m: calls.append(1) or measure(m))
+    assert result.epochs_used <= config.budget_epochs + 1e-6
+    assert result.history[-1]["action"] == "final"
+    steps = [h for h in result.history if h["action"] == "prune"]
+    assert 1 <= len(steps) <= 5  # (0.6 - 0.1 final) / 0.1 per step
+
+
+def test_max_ratio_caps_compression(digits):
+    config = ToleranceConfig(tolerance=0.05, budget_epochs=2, step_epochs=0.05, final_epochs=0.05,
+                             initial_rate=0.4, max_ratio=1.5)
+    result = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=oracle(100.0))
+    assert result.ratio["macs"] <= 1.5 * 1.05
+    assert any("max-ratio" in h.get("reason", "") for h in result.history)
+
+
+def test_first_step_failing_returns_the_original_unmet(digits):
+    config = ToleranceConfig(tolerance=0.01, budget_epochs=0.3, step_epochs=0.05, final_epochs=0.05,
+                             max_failures=1)
+    model = vgg()
+    result = prune_to_tolerance(model, EXAMPLE, digits, config, FAST, distill=False, measure=oracle(1.0))
+    assert not result.met and result.plans == []
+    assert result.ratio["macs"] == pytest.approx(1.0)
+
+
+def test_real_digits_run_meets_the_tolerance_on_validation(digits):
+    """No oracle: real fine-tuning and real validation accuracy on the sample model."""
+    torch.manual_seed(0)
+    config = ToleranceConfig(tolerance=0.01, budget_epochs=4, step_epochs=0.5)
+    result = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST)
+    assert result.met and result.ratio["macs"] > 1.2
+    measured = evaluate(result.model, digits.val).accuracy
+    assert measured == pytest.approx(result.after["accuracy"])
+    assert measured >= result.before["accuracy"] - 0.01 - 1e-9
+    # the plans replay on the original architecture (what the checkpoint stores)
+    rebuilt = vgg()
+    for plan in result.plans:
+        dpruner.apply_plan(rebuilt, plan)
+    rebuilt.load_state_dict(result.model.state_dict())
+    assert torch.allclose(rebuilt.eval()(EXAMPLE), result.model.eval()(EXAMPLE), atol=1e-6)
