@@ -9,8 +9,10 @@ import typer
 from dpruner import __version__
 from dpruner.cli import analyze as analyze_cmd
 from dpruner.cli import evaluate as evaluate_cmd
+from dpruner.cli import export as export_cmd
 from dpruner.cli import finetune as finetune_cmd
 from dpruner.cli import prune as prune_cmd
+from dpruner.cli import report as report_cmd
 
 app = typer.Typer(
     name="dpruner",
@@ -25,6 +27,8 @@ app.command("analyze", help=analyze_cmd.HELP)(analyze_cmd.analyze)
 app.command("prune", help=prune_cmd.HELP)(prune_cmd.prune)
 app.command("evaluate", help=evaluate_cmd.HELP)(evaluate_cmd.evaluate)
 app.command("finetune", help=finetune_cmd.HELP)(finetune_cmd.finetune)
+app.command("export", help=export_cmd.HELP)(export_cmd.export)
+app.command("report", help=report_cmd.HELP)(report_cmd.report)
 
 
 def _version(value: bool) -> None:

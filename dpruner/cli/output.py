@@ -36,3 +36,9 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= factor:
             return f"{n / factor:.2f}{suffix}{unit}"
     return f"{n:.0f}{unit}" if float(n).is_integer() else f"{n:.3g}{unit}"
+
+
+def print_error(message: str) -> None:
+    """'error: <message>' on stderr as one unwrapped line (Rich would wrap it at the terminal width)."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()

@@ -11,7 +11,7 @@ from rich.table import Table
 from dpruner.cli import training as t
 from dpruner.cli.errors import handle_errors
 from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, TrustOpt
-from dpruner.cli.output import emit_json, human, stderr_console, stdout_console
+from dpruner.cli.output import emit_json, human, print_error, stderr_console, stdout_console
 
 HELP = ("Remove whole filters/channels to reach a MACs or params ratio (--ratio 2x), a sparsity, or the smallest model "
         "within an accuracy tolerance (--tolerance 1% --data ...); writes a dense smaller model.")
@@ -102,7 +102,7 @@ def prune(
     else:
         render(document)
     if not result.target_met:
-        err.print(f"error: the requested ratio was not reached (achieved {result.ratio[target]:.2f}x {target}); "
+        print_error(f"the requested ratio was not reached (achieved {result.ratio[target]:.2f}x {target}); "
                   f"the model was written to '{output}' anyway.")
         raise typer.Exit(EXIT_TARGET_NOT_MET)
 
@@ -193,10 +193,10 @@ def _prune_with_data(*, model, output, ratio, sparsity, tolerance, data, budget_
         render(document)
     if not met:
         if tolerance is not None:
-            err.print("error: even the first pruning step lost more accuracy than --tolerance allows; nothing was "
+            print_error("even the first pruning step lost more accuracy than --tolerance allows; nothing was "
                       "written (try a smaller --step-epochs rate, a larger --budget-epochs or tolerance).")
         else:
-            err.print(f"error: the requested ratio was not reached; the model was not written.")
+            print_error("the requested ratio was not reached; the model was not written.")
         raise typer.Exit(EXIT_TARGET_NOT_MET)
 
 

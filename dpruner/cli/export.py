@@ -1,0 +1,98 @@
+"""`dpruner export`: ONNX with a verification run and, given --baseline, a before/after report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dpruner.cli import training as t
+from dpruner.cli.errors import handle_errors
+from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt
+from dpruner.cli.output import emit_json, print_error, stdout_console
+
+HELP = "Export to ONNX, verify it in ONNX Runtime against PyTorch, and report size, MACs and latency (vs --baseline)."
+
+BatchesOpt = Annotated[str, typer.Option("--batches", help="Batch sizes timed, comma-separated.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op threads for PyTorch and ONNX Runtime (default: all cores).")]
+MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write the report as a Markdown table (for a pull-request comment).")]
+LatencyOpt = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency (the slow part of a report).")]
+
+
+@handle_errors
+def export(
+    model: ModelArg,
+    onnx: Annotated[Path, typer.Option("--onnx", help="Where to write the ONNX file (never an input file).")],
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="The original model: adds the before column and ratios.")] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
+    exporter: Annotated[str, typer.Option("--exporter", help="torchscript (default: torch.onnx.export(dynamo=False)) or dynamo.")] = "torchscript",
+    static_batch: Annotated[bool, typer.Option("--static-batch", help="Fix the batch dimension (default: dynamic).")] = False,
+    simplify: Annotated[bool, typer.Option("--simplify", help="Simplify the graph with onnxslim; the result is verified the same way.")] = False,
+    atol: Annotated[float, typer.Option("--atol", help="Largest allowed |onnxruntime - torch| output difference; above it: exit 3.")] = 1e-4,
+    keep_on_failure: Annotated[bool, typer.Option("--keep-on-failure", help="Write the ONNX file even when verification fails (exit code still 3).")] = False,
+    data: t.DataOpt = None,
+    markdown: MarkdownOpt = None,
+    batches: BatchesOpt = "1,8",
+    threads: ThreadsOpt = None,
+    latency: LatencyOpt = True,
+    batch_size: t.BatchSizeOpt = 128,
+    val_fraction: t.ValFractionOpt = 0.1,
+    workers: t.WorkersOpt = 0,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    input_shape: InputShapeOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Export MODEL to ONNX and report on it."""
+    from dpruner.errors import EXIT_VERIFICATION_FAILED
+    from dpruner.export.api import export_model
+    from dpruner.report.compare import build_report
+    from dpruner.report.latency import default_threads
+
+    from dpruner.cli.report import load_side, parse_batches, write_markdown
+
+    inputs = [model, baseline]
+    n_threads = threads or default_threads()
+    sizes = parse_batches(batches)
+    after_loaded, shape = load_side(model, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
+                                    input_shape=input_shape)
+    bundle = None
+    if data is not None:
+        from dpruner.train.distributed import DistContext
+
+        bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
+                               val_fraction=val_fraction, seed=0, download=False, ctx=DistContext())
+    result = export_model(after_loaded.model, shape, onnx, inputs=inputs, opset=opset, dynamic_batch=not static_batch,
+                          exporter=exporter, simplify=simplify, atol=atol, keep_on_failure=keep_on_failure,
+                          loader=bundle.test or bundle.val if bundle else None)
+    from dpruner.cli.report import facts_for
+
+    written = result.written
+    after = facts_for(after_loaded.model, shape, model, bundle, sizes, n_threads, latency,
+                      onnx_path=onnx if written else None)
+    before = None
+    if baseline is not None:
+        base_loaded, _ = load_side(baseline, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
+                                   input_shape=input_shape, shape=shape)
+        before = facts_for(base_loaded.model, shape, baseline, bundle, sizes, n_threads, latency)
+    doc = build_report(after, before, threads=n_threads, onnx={**result.info.to_json(), "written": written},
+                       verification=result.verification.to_json())
+    title = f"{baseline} -> {model}" if baseline else str(model)
+    if markdown is not None:
+        write_markdown(markdown, doc, title, inputs)
+    if json_output:
+        emit_json(doc)
+    else:
+        from dpruner.report.render import footer, rich_table, verification_line
+
+        out = stdout_console()
+        out.print(rich_table(doc, title))
+        out.print(verification_line(doc))
+        out.print(f"[dim]{footer(doc)}[/dim]")
+    if not result.verification.passed:
+        print_error(
+            f"ONNX Runtime's outputs differ from PyTorch's by {result.verification.max_abs_diff:.3g} "
+            f"(> --atol {atol:g}); " + (f"'{onnx}' was kept (--keep-on-failure)." if written else "no file was written."))
+        raise typer.Exit(EXIT_VERIFICATION_FAILED)

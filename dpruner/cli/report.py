@@ -1,0 +1,106 @@
+"""`dpruner report`: compare any two models side by side (size, MACs, latency, accuracy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dpruner.cli import training as t
+from dpruner.cli.errors import handle_errors
+from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, NumClassesOpt, TrustOpt
+from dpruner.cli.output import emit_json, stdout_console
+
+HELP = "Compare two models side by side: params, MACs, file sizes, PyTorch and ONNX Runtime latency, accuracy with --data."
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    from dpruner.errors import InputError
+
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"--batches must be comma-separated integers such as 1,8, got '{text}'.") from None
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"--batches must be comma-separated positive integers such as 1,8, got '{text}'.")
+    return sizes
+
+
+def load_side(path: Path, *, arch, num_classes, trust, input_shape, shape=None):
+    """Load one model and settle the input shape (an explicit option, else the checkpoint's, else torchvision's)."""
+    from dpruner.io import load_checkpoint
+    from dpruner.io.shapes import resolve_input_shape
+
+    loaded = load_checkpoint(path, arch=arch, num_classes=num_classes, trust_checkpoint=trust)
+    if shape is None:
+        shape, _ = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch)
+    return loaded, tuple(shape)
+
+
+def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=None):
+    from dpruner.report.compare import measure_model
+
+    accuracy = None
+    if bundle is not None:
+        from dpruner.train.api import evaluate_splits
+
+        accuracy = {k: v.accuracy for k, v in evaluate_splits(model, bundle).items()}
+    return measure_model(model, shape, source=str(path), pt_path=path, onnx_path=onnx_path, batches=batches,
+                         threads=threads, latency=latency, accuracy=accuracy)
+
+
+def write_markdown(path: Path, doc: dict, title: str, inputs) -> None:
+    from dpruner.io.atomic import atomic_write_bytes
+    from dpruner.report.render import markdown
+
+    atomic_write_bytes(path, markdown(doc, title).encode(), inputs=inputs)
+
+
+@handle_errors
+def report(
+    before: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
+    after: Annotated[Path, typer.Argument(help="The model to compare with it (e.g. the pruned one).", show_default=False)],
+    data: t.DataOpt = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the report as a Markdown table.")] = None,
+    batches: Annotated[str, typer.Option("--batches", help="Batch sizes timed, comma-separated.")] = "1,8",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op threads (default: all cores).")] = None,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
+    batch_size: t.BatchSizeOpt = 128,
+    val_fraction: t.ValFractionOpt = 0.1,
+    workers: t.WorkersOpt = 0,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    input_shape: InputShapeOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Compare BEFORE and AFTER (either may be a state_dict with --arch or a dpruner checkpoint)."""
+    from dpruner.report.compare import build_report
+    from dpruner.report.latency import default_threads
+    from dpruner.report.render import footer, rich_table
+
+    n_threads = threads or default_threads()
+    sizes = parse_batches(batches)
+    after_loaded, shape = load_side(after, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
+                                    input_shape=input_shape)
+    before_loaded, _ = load_side(before, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
+                                 input_shape=input_shape, shape=shape)
+    bundle = None
+    if data is not None:
+        from dpruner.train.distributed import DistContext
+
+        bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
+                               val_fraction=val_fraction, seed=0, download=False, ctx=DistContext())
+    doc = build_report(facts_for(after_loaded.model, shape, after, bundle, sizes, n_threads, latency),
+                       facts_for(before_loaded.model, shape, before, bundle, sizes, n_threads, latency),
+                       threads=n_threads)
+    title = f"{before} -> {after}"
+    if markdown is not None:
+        write_markdown(markdown, doc, title, [before, after])
+    if json_output:
+        emit_json(doc)
+        return
+    out = stdout_console()
+    out.print(rich_table(doc, title))
+    out.print(f"[dim]{footer(doc)}[/dim]")

@@ -1,0 +1,1 @@
+"""Export to ONNX and verify the file in ONNX Runtime against PyTorch."""

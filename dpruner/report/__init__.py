@@ -1,0 +1,1 @@
+"""Before/after reports: size, MACs, latency (PyTorch and ONNX Runtime), accuracy; Rich, JSON and Markdown."""

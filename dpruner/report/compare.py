@@ -1,0 +1,102 @@
+"""Facts about one model (size, MACs, latency, accuracy) and the before/after comparison built from two of them."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from dpruner.report.latency import Latency, ort_latency, torch_latency
+
+SCHEMA_VERSION = 1
+RUNTIMES = ("torch", "onnxruntime")
+
+
+@dataclass
+class ModelFacts:
+    source: str
+    params: int
+    macs: int
+    pt_bytes: int | None = None
+    onnx_bytes: int | None = None
+    latency: dict[str, dict[int, Latency]] = field(default_factory=dict)  # runtime -> batch -> Latency
+    accuracy: dict[str, float] | None = None  # split -> top-1
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source, "params": self.params, "macs": self.macs,
+            "file_bytes": {"pt": self.pt_bytes, "onnx": self.onnx_bytes},
+            "latency_ms": {rt: {str(b): {"median": lat.median_ms, "p90": lat.p90_ms, "runs": lat.runs}
+                                for b, lat in per.items()} for rt, per in self.latency.items()},
+            "accuracy": self.accuracy,
+        }
+
+
+def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, source: str, pt_path: str | Path | None = None,
+                  onnx_path: str | Path | None = None, batches: tuple[int, ...] = (1, 8), threads: int = 1,
+                  latency: bool = True, accuracy: dict[str, float] | None = None) -> ModelFacts:
+    """Measure one model. Without `onnx_path` a temporary export (dpruner's defaults) is timed in ONNX Runtime and
+    its size reported."""
+    import torch
+
+    from dpruner.export.onnx import export_onnx
+    from dpruner.metrics.macs import count_macs, count_params
+
+    model = model.eval().cpu()
+    facts = ModelFacts(source, count_params(model), count_macs(model, torch.randn(1, *input_shape[1:])).total,
+                       Path(pt_path).stat().st_size if pt_path else None, accuracy=accuracy)
+    with tempfile.TemporaryDirectory(prefix="dpruner-report-") as tmp:
+        if onnx_path is None:
+            onnx_path = Path(tmp) / "model.onnx"
+            export_onnx(model, (1, *input_shape[1:]), onnx_path)
+        facts.onnx_bytes = Path(onnx_path).stat().st_size
+        if latency:
+            facts.latency["torch"] = {b: torch_latency(model, input_shape, b, threads) for b in batches}
+            facts.latency["onnxruntime"] = {b: ort_latency(onnx_path, input_shape, b, threads) for b in batches}
+    return facts
+
+
+def _ratio(a, b) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def ratios(before: ModelFacts, after: ModelFacts) -> dict:
+    """before/after for sizes (x smaller), latency speedups, and speedup / MACs reduction (1.0: the latency gain is
+    all the MACs promised; below: memory traffic, overheads or odd channel counts ate some of it)."""
+    macs = _ratio(before.macs, after.macs)
+    out = {"params": _ratio(before.params, after.params), "macs": macs,
+           "file_bytes": {"pt": _ratio(before.pt_bytes, after.pt_bytes),
+                          "onnx": _ratio(before.onnx_bytes, after.onnx_bytes)},
+           "speedup": {}, "speedup_per_macs": {}}
+    for runtime in RUNTIMES:
+        for batch, lat in after.latency.get(runtime, {}).items():
+            ref = before.latency.get(runtime, {}).get(batch)
+            if ref is None:
+                continue
+            speedup = ref.median_ms / lat.median_ms
+            out["speedup"].setdefault(runtime, {})[str(batch)] = speedup
+            out["speedup_per_macs"].setdefault(runtime, {})[str(batch)] = speedup / macs if macs else None
+    if before.accuracy and after.accuracy:
+        out["accuracy_delta"] = {k: after.accuracy[k] - before.accuracy[k] for k in after.accuracy
+                                 if k in before.accuracy}
+    return out
+
+
+def environment(threads: int) -> dict:
+    import onnxruntime
+    import torch
+
+    return {"threads": threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "machine": platform.machine(), "processor": platform.processor() or None,
+            "python": platform.python_version()}
+
+
+def build_report(after: ModelFacts, before: ModelFacts | None = None, *, threads: int, onnx: dict | None = None,
+                 verification: dict | None = None) -> dict:
+    """The versioned JSON document (docs/report.md)."""
+    return {"schema": SCHEMA_VERSION, "environment": environment(threads), "onnx": onnx,
+            "verification": verification, "before": before.to_json() if before else None,
+            "after": after.to_json(), "ratios": ratios(before, after) if before else None}

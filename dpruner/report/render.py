@@ -1,0 +1,93 @@
+"""Render a report document (compare.build_report) as rows, then as a Rich table or a compact Markdown table."""
+
+from __future__ import annotations
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for factor, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.2f} {unit}"
+    return f"{n} B"
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def rows(doc: dict) -> list[tuple[str, str, str, str]]:
+    """(quantity, before, after, ratio) rows; before/ratio are '-' for a one-model report."""
+    before, after, ratios = doc.get("before") or {}, doc["after"], doc.get("ratios") or {}
+    out = [
+        ("params", _count(before.get("params")), _count(after["params"]), _x(ratios.get("params"))),
+        ("MACs", _count(before.get("macs")), _count(after["macs"]), _x(ratios.get("macs"))),
+        (".pt file", _size((before.get("file_bytes") or {}).get("pt")), _size(after["file_bytes"]["pt"]),
+         _x((ratios.get("file_bytes") or {}).get("pt"))),
+        (".onnx file", _size((before.get("file_bytes") or {}).get("onnx")), _size(after["file_bytes"]["onnx"]),
+         _x((ratios.get("file_bytes") or {}).get("onnx"))),
+    ]
+    for runtime, per in after["latency_ms"].items():
+        for batch, lat in per.items():
+            ref = ((before.get("latency_ms") or {}).get(runtime) or {}).get(batch)
+            speed = ((ratios.get("speedup") or {}).get(runtime) or {}).get(batch)
+            eff = ((ratios.get("speedup_per_macs") or {}).get(runtime) or {}).get(batch)
+
+            def cell(x):
+                return "-" if x is None else f"{x['median']:.2f} ms (p90 {x['p90']:.2f}, n={x['runs']})"
+            ratio = "-" if speed is None else f"{speed:.2f}x" + ("" if eff is None else f" ({eff:.2f} of MACs)")
+            out.append((f"{runtime} batch {batch}", cell(ref), cell(lat), ratio))
+    for split, acc in (after.get("accuracy") or {}).items():
+        ref = (before.get("accuracy") or {}).get(split)
+        delta = "-" if ref is None else f"{100 * (acc - ref):+.2f} pt"
+        out.append((f"top-1 {split}", "-" if ref is None else f"{100 * ref:.2f}%", f"{100 * acc:.2f}%", delta))
+    return out
+
+
+def verification_line(doc: dict) -> str | None:
+    v, onnx = doc.get("verification"), doc.get("onnx")
+    if not v:
+        return None
+    status = "passed" if v["passed"] else "FAILED"
+    where = "random + real data" if v["real_data"] else "random inputs"
+    head = f"ONNX ({onnx['exporter']}, opset {onnx['opset']}" + (f", {onnx['simplifier']}" if onnx.get("simplifier") else "") + ")" if onnx else "ONNX"
+    return (f"{head} verification {status}: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
+            f"max rel diff {v['max_rel_diff']:.2e}, top-1 agreement {100 * v['top1_agreement']:.2f}% over "
+            f"{v['samples']} samples ({where}; batches {', '.join(map(str, v['batch_sizes']))}) in onnxruntime "
+            f"{v['provider']}.")
+
+
+def footer(doc: dict) -> str:
+    env = doc["environment"]
+    return (f"Latency: median and p90 of timed runs after warm-up, {env['threads']} intra-op threads, torch "
+            f"{env['torch']}, onnxruntime {env['onnxruntime']}, {env['machine']}. Ratio column for latency: "
+            "speedup (speedup / MACs reduction; 1.00 = all the promised gain).")
+
+
+def markdown(doc: dict, title: str = "dpruner report") -> str:
+    """A compact table for a pull-request comment."""
+    lines = [f"### {title}", "", "| | before | after | ratio |", "|---|---:|---:|---:|"]
+    lines += [f"| {q} | {b} | {a} | {r} |" for q, b, a, r in rows(doc)]
+    extra = [verification_line(doc), footer(doc)]
+    lines += [""] + [f"{line}" for line in extra if line]
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(doc: dict, title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for header in ("", "before", "after", "ratio"):
+        table.add_column(header, justify="left" if not header else "right")
+    for row in rows(doc):
+        table.add_row(*row)
+    return table

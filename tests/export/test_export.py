@@ -1,0 +1,106 @@
+"""Export: a verified ONNX file at two batch sizes and on real data, atomic writing, exit 3 on a failed
+verification (file kept only on request), static batch, onnxslim simplification, the dynamo exporter refused
+cleanly when it cannot run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+import dpruner
+from dpruner.errors import InputError
+from dpruner.export.api import export_model
+from dpruner.export.verify import verify_onnx
+from dpruner.zoo import resnet20
+from tests.conftest import ROOT, SAMPLE_MODELS
+
+VGG = str(SAMPLE_MODELS / "digits_vgg.pt")
+
+
+def dp(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "dpruner", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def pruned_resnet20():
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    dpruner.prune(model, torch.randn(1, 3, 32, 32), ratio=2.0)
+    return model
+
+
+def test_export_verifies_at_two_batch_sizes_with_a_dynamic_batch(pruned_resnet20, tmp_path):
+    out = tmp_path / "r20.onnx"
+    result = export_model(pruned_resnet20, (1, 3, 32, 32), out)
+    assert result.written and out.is_file() and result.verification.passed
+    v = result.verification
+    assert v.batch_sizes == [1, 8] and v.samples == 9 and v.top1_agreement == 1.0 and v.max_abs_diff < 1e-4
+    graph = onnx.load(str(out)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert result.info.opset == 17 and result.info.exporter == "torchscript"
+    assert [p.name for p in tmp_path.iterdir()] == ["r20.onnx"]  # no temporary files left
+
+
+def test_static_batch_and_simplify(pruned_resnet20, tmp_path):
+    out = tmp_path / "s.onnx"
+    result = export_model(pruned_resnet20, (2, 3, 32, 32), out, dynamic_batch=False, simplify=True)
+    assert result.written and result.verification.batch_sizes == [2]
+    assert result.info.simplified and result.info.simplifier.startswith("onnxslim")
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+
+
+def test_a_wrong_file_fails_verification(pruned_resnet20, tmp_path):
+    """Verification compares with the live model: perturb the model after exporting and it must notice."""
+    out = tmp_path / "m.onnx"
+    export_model(pruned_resnet20, (1, 3, 32, 32), out)
+    other = resnet20().eval()  # different weights
+    verification = verify_onnx(other, out, (1, 3, 32, 32))
+    assert not verification.passed and verification.max_abs_diff > 1e-3
+
+
+def test_failed_verification_discards_the_file_unless_kept(pruned_resnet20, tmp_path, monkeypatch):
+    import dpruner.export.api as api
+
+    real = api.verify_onnx
+
+    def strict(*args, **kwargs):
+        kwargs["atol"] = 0.0  # any float difference fails
+        result = real(*args, **kwargs)
+        result.max_abs_diff = max(result.max_abs_diff, 1e-3)
+        return result
+
+    monkeypatch.setattr(api, "verify_onnx", strict)
+    gone = export_model(pruned_resnet20, (1, 3, 32, 32), tmp_path / "a.onnx")
+    assert not gone.written and not (tmp_path / "a.onnx").exists() and list(tmp_path.iterdir()) == []
+    kept = export_model(pruned_resnet20, (1, 3, 32, 32), tmp_path / "b.onnx", keep_on_failure=True)
+    assert kept.written and (tmp_path / "b.onnx").exists()
+
+
+def test_never_overwrites_an_input(tmp_path):
+    with pytest.raises(InputError, match="Refusing to overwrite"):
+        export_model(resnet20(), (1, 3, 32, 32), tmp_path / "m.pt", inputs=[tmp_path / "m.pt"])
+
+
+def test_cli_exit_3_on_verification_failure_and_json(tmp_path):
+    out = tmp_path / "v.onnx"
+    proc = dp("export", VGG, "--onnx", str(out), "--atol", "0", "--no-latency", "--json")
+    doc = json.loads(proc.stdout)
+    if doc["verification"]["max_abs_diff"] == 0.0:
+        pytest.skip("ONNX Runtime matched PyTorch bit for bit on this machine: atol 0 cannot fail")
+    assert proc.returncode == 3 and not out.exists() and "no file was written" in proc.stderr
+    assert doc["verification"]["passed"] is False and doc["onnx"]["written"] is False
+    kept = dp("export", VGG, "--onnx", str(out), "--atol", "0", "--no-latency", "--keep-on-failure", "--json")
+    assert kept.returncode == 3 and out.exists()
+
+
+def test_cli_export_with_real_data_verification(tmp_path):
+    out = tmp_path / "v.onnx"
+    proc = dp("export", VGG, "--onnx", str(out), "--data", "digits", "--no-latency", "--json")
+    assert proc.returncode == 0, proc.stderr
+    v = json.loads(proc.stdout)["verification"]
+    assert v["real_data"] and v["samples"] == 9 + 359 and v["top1_agreement"] == 1.0
