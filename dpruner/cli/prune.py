@@ -30,7 +30,7 @@ def prune(
     step_epochs: Annotated[float, typer.Option("--step-epochs", help="--tolerance: fine-tuning epochs per pruning step (fractions allowed).")] = 1.0,
     max_ratio: Annotated[Optional[str], typer.Option("--max-ratio", help="--tolerance: never compress MACs beyond this, e.g. 4x.")] = None,
     distill: Annotated[bool, typer.Option("--distill/--no-distill", help="With --data: distil from the unpruned model while fine-tuning.")] = True,
-    penalty: Annotated[float, typer.Option("--penalty", help="--tolerance: strength of the L1 push on the channels about to be removed (1.0: enough to zero them over a step; 0: off).")] = 1.0,
+    penalty: Annotated[float, typer.Option("--penalty", help="--tolerance: strength of the L1 push on the channels about to be removed before they go (relative to their magnitude; 0: off).")] = 5.0,
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
     label_smoothing: t.LabelSmoothingOpt = 0.1,
