@@ -57,7 +57,7 @@ def test_recipe_end_to_end_on_the_sample_model(tmp_path):
 def test_recipe_fails_the_job_when_the_tolerance_cannot_be_met(tmp_path):
     """A tolerance so small that one lost validation image breaks it, and an LR (passed through the workflow's
     DPRUNER_ARCH variable, which the prune command splices in) high enough that fine-tuning cannot hold it."""
-    results = run_recipe(tmp_path, "0.0001", extra="--lr 0.5")
+    results = run_recipe(tmp_path, "0.0001", extra="--lr 0.3 --penalty 0")
     prune = results[0]
     doc = json.loads((tmp_path / "out" / "prune.json").read_text())
     assert doc["target_met"] is False and doc["output"] is None

@@ -85,7 +85,28 @@ def prune(
     leaves = tuple(resolve_class(item) for item in leaf or ())
     torch.manual_seed(seed)
     if data is not None:
-        return _prune_with_data(**locals())
+        from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance
+        from dpruner.train.distributed import setup
+
+        ctx, dev = setup(device)
+        bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
+                               val_fraction=val_fraction, seed=seed, download=download, ctx=ctx)
+        train = t.train_config(epochs=budget_epochs, lr=lr, weight_decay=weight_decay,
+                               label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, device=device, seed=seed,
+                               quiet=quiet, batch_size=batch_size)
+        controller = one_shot = None
+        if tolerance is not None:
+            controller = ToleranceConfig(tolerance=parse_tolerance(tolerance), budget_epochs=budget_epochs,
+                                         step_epochs=step_epochs, max_ratio=parse_ratio(max_ratio) if max_ratio else None,
+                                         penalty=penalty, method=method, max_fraction=max_fraction, round_to=round_to,
+                                         exclude=tuple(exclude or ()))
+        else:
+            one_shot = dict(ratio=parse_ratio(ratio) if ratio is not None else None, sparsity=sparsity, target=target,
+                            method=method, allocation=allocation, exclude=tuple(exclude or ()), round_to=round_to,
+                            max_fraction=max_fraction, seed=seed)
+        log = (lambda message: err.print(f"[dim]{message}[/dim]")) if ctx.is_main and not quiet else (lambda m: None)
+        return _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, controller=controller,
+                                one_shot=one_shot, distill=distill, method=method, json_output=json_output, log=log)
     result = run_prune(
         loaded.model, torch.randn(*shape), ratio=parse_ratio(ratio) if ratio is not None else None,
         sparsity=sparsity, target=target, method=method, allocation=allocation, exclude=tuple(exclude or ()),
@@ -103,62 +124,45 @@ def prune(
         render(document)
     if not result.target_met:
         print_error(f"the requested ratio was not reached (achieved {result.ratio[target]:.2f}x {target}); "
-                  f"the model was written to '{output}' anyway.")
+                    f"the model was written to '{output}' anyway.")
         raise typer.Exit(EXIT_TARGET_NOT_MET)
 
 
-def _prune_with_data(*, model, output, ratio, sparsity, tolerance, data, budget_epochs, step_epochs, max_ratio,
-                     distill, penalty, lr, weight_decay, label_smoothing, warmup_epochs, batch_size, val_fraction,
-                     workers, device, download, quiet, target, method, allocation, exclude, round_to, max_fraction,
-                     seed, json_output, loaded, shape, leaves, err, **_):
-    """--data given: prune to a tolerance (Play-and-Prune), or prune to a ratio/sparsity and fine-tune after."""
+def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, *, controller, one_shot,
+                     distill: bool, method: str, json_output: bool, log) -> None:
+    """--data given: prune to a tolerance (`controller`: Play-and-Prune), or prune one-shot (`one_shot`: the
+    arguments of dpruner.prune) and fine-tune for the budget; then evaluate, write, render."""
     import copy
 
     import torch
 
     from dpruner.errors import EXIT_TARGET_NOT_MET
     from dpruner.io import save_checkpoint
-    from dpruner.methods.api import parse_ratio, prune as run_prune
-    from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance, prune_to_tolerance, to_json_history
+    from dpruner.methods.api import prune as run_prune
+    from dpruner.methods.tolerance import prune_to_tolerance, to_json_history
     from dpruner.train.api import evaluate_splits
-    from dpruner.train.distributed import setup
     from dpruner.train.loop import fit
 
-    ctx, dev = setup(device)
-    bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                           val_fraction=val_fraction, seed=seed, download=download, ctx=ctx)
-    config = t.train_config(epochs=budget_epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
-                            warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet,
-                            batch_size=batch_size)
     example = torch.randn(*shape)
     original = loaded.model
     base = evaluate_splits(original.to(dev), bundle, dev, ctx=ctx)
     original.cpu()
-    log = (lambda message: err.print(f"[dim]{message}[/dim]")) if ctx.is_main and not quiet else (lambda m: None)
     document = {"schema": SCHEMA_VERSION, "input": str(model), "output": str(output), "arch": loaded.arch,
                 "input_shape": list(shape), "data": bundle.name, "method": method, "device": str(dev),
                 "world_size": ctx.world_size}
-    if tolerance is not None:
-        tol = parse_tolerance(tolerance)
-        cfg = ToleranceConfig(tolerance=tol, budget_epochs=budget_epochs, step_epochs=step_epochs,
-                              max_ratio=parse_ratio(max_ratio) if max_ratio else None, penalty=penalty,
-                              method=method, max_fraction=max_fraction, round_to=round_to,
-                              exclude=tuple(exclude or ()))
-        result = prune_to_tolerance(original, example, bundle, cfg, config, device=dev, ctx=ctx, distill=distill,
-                                    leaf_modules=leaves, log=log)
+    if controller is not None:
+        result = prune_to_tolerance(original, example, bundle, controller, train, device=dev, ctx=ctx,
+                                    distill=distill, leaf_modules=leaves, log=log)
         pruned, plans, met = result.model, result.plans, result.met
         history, used = to_json_history(result.history), result.epochs_used
-        requested = {"tolerance": tol, "max_ratio": cfg.max_ratio}
+        requested = {"tolerance": controller.tolerance, "max_ratio": controller.max_ratio}
     else:
         teacher = copy.deepcopy(original).to(dev).eval() if distill else None
-        one_shot = run_prune(copy.deepcopy(original), example, ratio=parse_ratio(ratio) if ratio else None,
-                             sparsity=sparsity, target=target, method=method, allocation=allocation,
-                             exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
-                             leaf_modules=leaves)
-        pruned, plans, met = one_shot.model, [one_shot.plan], one_shot.target_met
-        used = fit(pruned.to(dev), bundle, config, device=dev, ctx=ctx, teacher=teacher,
+        pruned_once = run_prune(copy.deepcopy(original), example, leaf_modules=leaves, **one_shot)
+        pruned, plans, met = pruned_once.model, [pruned_once.plan], pruned_once.target_met
+        used = fit(pruned.to(dev), bundle, train, device=dev, ctx=ctx, teacher=teacher,
                    description="fine-tune").epochs
-        history, requested = [], one_shot.requested
+        history, requested = [], pruned_once.requested
     after = evaluate_splits(pruned.to(dev), bundle, dev, ctx=ctx)
     pruned.cpu().eval()
     if not ctx.is_main:
@@ -192,9 +196,9 @@ def _prune_with_data(*, model, output, ratio, sparsity, tolerance, data, budget_
     else:
         render(document)
     if not met:
-        if tolerance is not None:
-            print_error("even the first pruning step lost more accuracy than --tolerance allows; nothing was "
-                      "written (try a smaller --step-epochs rate, a larger --budget-epochs or tolerance).")
+        if controller is not None:
+            print_error("even the first pruning step lost more accuracy than --tolerance allows, so nothing was "
+                        "written; allow a larger --tolerance or more fine-tuning per step (--step-epochs).")
         else:
             print_error("the requested ratio was not reached; the model was not written.")
         raise typer.Exit(EXIT_TARGET_NOT_MET)

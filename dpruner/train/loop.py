@@ -122,7 +122,7 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
                 if not torch.isfinite(loss):
                     from dpruner.errors import DprunerError
 
-                    raise DprunerError(f"The training loss became {float(loss)} at step {step}; lower --lr.")
+                    raise DprunerError(f"The training loss became {loss.item()} at step {step}; lower --lr.")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
