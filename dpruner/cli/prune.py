@@ -30,6 +30,7 @@ def prune(
     step_epochs: Annotated[float, typer.Option("--step-epochs", help="--tolerance: fine-tuning epochs per pruning step (fractions allowed).")] = 1.0,
     max_ratio: Annotated[Optional[str], typer.Option("--max-ratio", help="--tolerance: never compress MACs beyond this, e.g. 4x.")] = None,
     distill: Annotated[bool, typer.Option("--distill/--no-distill", help="With --data: distil from the unpruned model while fine-tuning.")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="--tolerance: continue an interrupted run from OUTPUT.resume (saved atomically after every step).")] = False,
     penalty: Annotated[float, typer.Option("--penalty", help="--tolerance: strength of the L1 push on the channels about to be removed before they go (relative to their magnitude; 0: off).")] = 5.0,
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
@@ -71,6 +72,8 @@ def prune(
         raise InputError("Give one of --ratio, --sparsity and --tolerance.")
     if tolerance is not None and data is None:
         raise InputError("--tolerance needs --data: accuracy is measured on its validation split.")
+    if resume and tolerance is None:
+        raise InputError("--resume applies to --tolerance runs; a one-shot prune has nothing to resume.")
     err = stderr_console()
     method = method or ("l1" if tolerance is not None else "l2")
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
@@ -106,7 +109,8 @@ def prune(
                             max_fraction=max_fraction, seed=seed)
         log = (lambda message: err.print(f"[dim]{message}[/dim]")) if ctx.is_main and not quiet else (lambda m: None)
         return _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, controller=controller,
-                                one_shot=one_shot, distill=distill, method=method, json_output=json_output, log=log)
+                                one_shot=one_shot, distill=distill, method=method, json_output=json_output, log=log,
+                                resume=resume)
     result = run_prune(
         loaded.model, torch.randn(*shape), ratio=parse_ratio(ratio) if ratio is not None else None,
         sparsity=sparsity, target=target, method=method, allocation=allocation, exclude=tuple(exclude or ()),
@@ -129,14 +133,14 @@ def prune(
 
 
 def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, *, controller, one_shot,
-                     distill: bool, method: str, json_output: bool, log) -> None:
+                     distill: bool, method: str, json_output: bool, log, resume: bool) -> None:
     """--data given: prune to a tolerance (`controller`: Play-and-Prune), or prune one-shot (`one_shot`: the
     arguments of dpruner.prune) and fine-tune for the budget; then evaluate, write, render."""
     import copy
 
     import torch
 
-    from dpruner.errors import EXIT_TARGET_NOT_MET
+    from dpruner.errors import EXIT_TARGET_NOT_MET, InputError
     from dpruner.io import save_checkpoint
     from dpruner.methods.api import prune as run_prune
     from dpruner.methods.tolerance import prune_to_tolerance, to_json_history
@@ -151,8 +155,26 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
                 "input_shape": list(shape), "data": bundle.name, "method": method, "device": str(dev),
                 "world_size": ctx.world_size}
     if controller is not None:
+        from dpruner.io.atomic import atomic_torch_save
+        from dpruner.train.api import state_path_for
+
+        state_path = state_path_for(output)
+        state = None
+        if resume:
+            if not state_path.is_file():
+                raise InputError(f"--resume was given but there is no saved state at '{state_path}'; run without "
+                                 "--resume to start over.")
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+
+        def save_state(payload: dict) -> None:
+            if ctx.is_main:
+                atomic_torch_save(payload, state_path, inputs=[model])
+
         result = prune_to_tolerance(original, example, bundle, controller, train, device=dev, ctx=ctx,
-                                    distill=distill, leaf_modules=leaves, log=log)
+                                    distill=distill, leaf_modules=leaves, log=log, on_checkpoint=save_state,
+                                    resume=state)
+        if ctx.is_main:
+            state_path.unlink(missing_ok=True)
         pruned, plans, met = result.model, result.plans, result.met
         history, used = to_json_history(result.history), result.epochs_used
         requested = {"tolerance": controller.tolerance, "max_ratio": controller.max_ratio}

@@ -60,11 +60,14 @@ class DataBundle:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Pin the next train pass to epoch `epoch`'s order (a function of seed and epoch only)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Pin the next train pass to epoch `epoch`'s order (a function of seed and epoch only), starting at batch
+        `start_batch` of it: short fine-tunes and resumed runs continue the stream instead of replaying its start."""
         sampler = getattr(self.train, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        if hasattr(sampler, "start"):
+            sampler.start = start_batch * (self.train.batch_size or 1)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __init__(self, length: int, seed: int):
         self.length, self.seed, self.epoch = length, seed, 0
+        self.start = 0  # items of the next pass to skip (set by DataBundle.set_epoch); reset after each pass
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -113,7 +117,8 @@ class EpochShuffleSampler(Sampler[int]):
         # seed + epoch is DistributedSampler's recipe, so world_size 1 and N shuffle alike
         order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         self.epoch += 1  # a trainer that never calls set_epoch still gets a fresh order each epoch
-        return iter(order)
+        start, self.start = self.start, 0
+        return iter(order[start:])
 
     def __len__(self) -> int:
         return self.length
@@ -122,10 +127,13 @@ class EpochShuffleSampler(Sampler[int]):
 class _AdvancingDistributedSampler(DistributedSampler):
     """DistributedSampler that, like EpochShuffleSampler, advances its epoch after each pass."""
 
+    start = 0  # items of this rank's next pass to skip (set by DataBundle.set_epoch)
+
     def __iter__(self):
-        order = super().__iter__()  # computed eagerly from the current epoch
+        order = list(super().__iter__())  # computed eagerly from the current epoch
         self.epoch += 1
-        return order
+        start, self.start = self.start, 0
+        return iter(order[start:])
 
 
 class TransformedSubset(Dataset):

@@ -146,10 +146,14 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
                        distill: bool = True, leaf_modules: Iterable[type] = (),
                        on_step: Callable[[dict], None] | None = None,
                        measure: Callable[[nn.Module], float] | None = None,
+                       on_checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
                        log: Callable[[str], None] = lambda message: None) -> ToleranceResult:
     """Run the controller on `model` (not modified: it is copied) and return the smallest model found that stays
     within `config.tolerance` of its validation accuracy. `on_step(entry)` sees every history entry; `measure`
-    replaces the accuracy measurement (default: top-1 on data.val, summed over torchrun ranks)."""
+    replaces the accuracy measurement (default: top-1 on data.val, summed over torchrun ranks).
+
+    `on_checkpoint(state)` receives a resumable state (plain data + the last good model's state_dict) whenever
+    the last good model or the rate changes; `resume=state` continues from it (an interrupted step is redone)."""
     device = torch.device(device)
     if measure is None:
         def measure(m: nn.Module) -> float:
@@ -178,11 +182,39 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         log(_describe(entry))
 
     good_model, good_plans, good_acc = copy.deepcopy(original), [], base_acc
-    record({"action": "start", "val_accuracy": base_acc, "floor": floor, **base,
-            "ratio_macs": 1.0, "ratio_params": 1.0})
     rate = config.initial_rate
     failures = 0
-    current = copy.deepcopy(original)
+    if resume is None:
+        record({"action": "start", "val_accuracy": base_acc, "floor": floor, **base,
+                "ratio_macs": 1.0, "ratio_params": 1.0})
+    else:
+        check_resumable(resume, config, train)
+        for plan in resume["plans"]:
+            apply_plan(good_model, plan)
+        good_model.load_state_dict(resume["model"])
+        good_plans, good_acc = list(resume["plans"]), resume["good_acc"]
+        rate, failures, used, step_no = resume["rate"], resume["failures"], resume["used"], resume["step"]
+        history.extend(resume["history"])
+        record({"action": "resume", "val_accuracy": good_acc, "rate": rate})
+
+    position = resume["position"] if resume is not None else 0  # training batches consumed so far
+
+    def train_for(net: nn.Module, epochs: float, seed: int, term, description: str) -> float:
+        """Fine-tune and continue the data stream where the previous fine-tune stopped."""
+        nonlocal position
+        result = fit(net, data, train.with_(epochs=epochs, seed=seed), device=device, ctx=ctx, teacher=teacher,
+                     penalty=term, description=description, position=position)
+        position += result.steps
+        return result.epochs
+
+    def checkpoint() -> None:
+        if on_checkpoint is not None:
+            on_checkpoint({"format": STATE_FORMAT, "config": _config_json(config, train), "plans": good_plans,
+                           "model": good_model.state_dict(), "good_acc": good_acc, "rate": rate,
+                           "failures": failures, "used": used, "step": step_no, "history": history,
+                           "position": position})
+
+    current = copy.deepcopy(good_model)
     loop_budget = config.budget_epochs - config.final
     while used + config.step_epochs <= loop_budget + 1e-9 and failures < config.max_failures:
         step_no += 1
@@ -215,9 +247,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         steps = max(1, round(config.step_epochs * len(data.train)))
         term = _penalty(channel_parameters(current, graph, index, removed), config.penalty, train, steps)
         current.to(device)
-        used += fit(current, data, train.with_(epochs=config.step_epochs, seed=train.seed + step_no),
-                    device=device, ctx=ctx, teacher=teacher, penalty=term,
-                    description=f"step {step_no}: fine-tune with penalty").epochs
+        used += train_for(current, config.step_epochs, train.seed + step_no, term,
+                          f"step {step_no}: fine-tune with penalty")
         current.cpu().eval()
         plan = make_plan(graph, index, index.roots[removed])
         apply_plan(current, plan)
@@ -233,8 +264,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
             spent = 0.0
             while margin < 0 and spent + config.step_epochs <= config.recover + 1e-9 \
                     and used + config.step_epochs <= loop_budget + 1e-9:
-                done = fit(current, data, train.with_(epochs=config.step_epochs, seed=train.seed + 1000 + step_no),
-                           device=device, ctx=ctx, teacher=teacher, description=f"step {step_no}: recover").epochs
+                done = train_for(current, config.step_epochs, train.seed + 1000 + step_no, None,
+                                 f"step {step_no}: recover")
                 spent += done
                 used += done
                 acc = measure(current)
@@ -248,6 +279,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
             good_model, good_plans, good_acc = copy.deepcopy(current).cpu(), [*good_plans, plan], acc
             failures = 0
             rate *= config.shrink if recovered else 1 + config.gain * min(margin / config.tolerance, 2.0)
+            checkpoint()
             if capped:
                 record({"action": "stop", "reason": f"--max-ratio {config.max_ratio:g} reached"})
                 break
@@ -257,6 +289,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
             rate *= config.shrink
             record({"action": "rollback", "rate": rate, "val_accuracy": good_acc,
                     "reason": "tolerance exceeded; back to the last good model with a smaller step"})
+            checkpoint()
     else:
         record({"action": "stop", "reason": "budget spent" if failures < config.max_failures
                 else f"{config.max_failures} failed steps in a row"})
@@ -268,8 +301,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         remaining = math.floor(max(config.budget_epochs - used, 0.0) * batches + 1e-9) / batches
         if remaining > 0:
             snapshot = copy.deepcopy(final_model.state_dict())
-            used += fit(final_model, data, train.with_(epochs=remaining, seed=train.seed + 2000),
-                        device=device, ctx=ctx, teacher=teacher, description="final fine-tune").epochs
+            used += train_for(final_model, remaining, train.seed + 2000, None, "final fine-tune")
             acc = measure(final_model)
             kept = acc >= floor
             if not kept:
@@ -283,9 +315,28 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     return ToleranceResult(final_model, good_plans, met, before, after, history, used)
 
 
+STATE_FORMAT = "dpruner_tolerance_state"
+
+
+def _config_json(config: ToleranceConfig, train: TrainConfig) -> dict:
+    from dataclasses import asdict
+
+    controller = asdict(config)
+    controller["exclude"] = list(controller["exclude"])
+    return {"controller": controller, "train": train.to_json()}
+
+
+def check_resumable(state: dict, config: ToleranceConfig, train: TrainConfig) -> None:
+    """A saved state continues only the run it came from: same controller and training options."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InputError("The resume file is not a dpruner tolerance-run state.")
+    if state["config"] != _config_json(config, train):
+        raise InputError("--resume needs the same options as the interrupted run (they differ from the saved ones).")
+
+
 def _describe(entry: dict) -> str:
     action = entry["action"]
-    if action in ("start", "prune", "recover", "final"):
+    if action in ("start", "prune", "recover", "final", "resume"):
         parts = [f"step {entry['step']} {action}"]
         if "ratio_macs" in entry:
             parts.append(f"MACs {entry['ratio_macs']:.2f}x params {entry['ratio_params']:.2f}x")

@@ -61,13 +61,15 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | str = "cpu",
         ctx: DistContext = DistContext(), teacher: nn.Module | None = None,
         penalty: Callable[[nn.Module], torch.Tensor] | None = None, start: dict | None = None,
-        on_epoch_end: Callable[[dict], None] | None = None, description: str = "fine-tune") -> FitResult:
+        on_epoch_end: Callable[[dict], None] | None = None, description: str = "fine-tune",
+        position: int = 0) -> FitResult:
     """Train `model` in place for config.epochs (fractional allowed) on data.train.
 
     `start` is a state from on_epoch_end (resume: optimizer, schedule position, RNG). on_epoch_end receives
     {'step', 'total_steps', 'optimizer', 'rng'} after every full epoch, for the caller to save atomically.
     With torchrun the model is wrapped in DistributedDataParallel for this call only, so a pruned (reshaped) model
-    can be wrapped again by the next call.
+    can be wrapped again by the next call. `position` is how many training batches earlier calls consumed: the
+    data stream continues from there (epoch order and offset), so a series of short fine-tunes sees all the data.
     """
     device = torch.device(device)
     steps_per_epoch = len(data.train)
@@ -101,11 +103,9 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
     with progress_bar(description, total, progress_enabled(config.quiet, ctx.is_main)) as update:
         update(advance=step)
         while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            data.set_epoch(epoch)
-            for i, (x, y) in enumerate(_batches(data.train)):
-                if i < offset:
-                    continue  # resuming inside an epoch: replay the sampler's order, skip what was done
+            epoch, offset = divmod(position + step, steps_per_epoch)
+            data.set_epoch(epoch, offset)  # resume or continue inside an epoch without loading what was done
+            for x, y in _batches(data.train):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -134,7 +134,7 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
                 update(loss=loss_sum / seen, acc=correct / seen)
                 if step >= total:
                     break
-            if on_epoch_end is not None and step % steps_per_epoch == 0 and step < total:
+            if on_epoch_end is not None and (position + step) % steps_per_epoch == 0 and step < total:
                 on_epoch_end({"step": step, "total_steps": total, "optimizer": optimizer.state_dict(),
                               "rng": torch.get_rng_state()})
     loss_sum, correct, seen = sum_across([loss_sum, correct, seen], ctx, device)

@@ -81,6 +81,8 @@ def test_ratio_with_data_fine_tunes_after_pruning(tmp_path):
     (["evaluate", VGG, "--data", "imagefolder:/does/not/exist"], "/does/not/exist"),
     (["evaluate", VGG], "needs --data"),
     (["finetune", VGG, "--data", "digits", "-o", "y.pt", "--resume"], "no saved state"),
+    (["prune", VGG, "--data", "digits", "--tolerance", "1%", "-o", "y.pt", "--resume"], "no saved state"),
+    (["prune", VGG, "--ratio", "2x", "-o", "y.pt", "--resume"], "--resume applies"),
 ])
 def test_user_errors_are_one_sentence_with_exit_2(args, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dpruner", *args], capture_output=True, text=True, cwd=tmp_path)

@@ -386,3 +386,16 @@ def test_worker_processes_augment_deterministically(tree):
 
     (x1, y1), (x2, y2) = batch(), batch()
     assert torch.equal(x1, x2) and torch.equal(y1, y2)  # worker seeds come from the seeded loader generator
+
+
+def test_set_epoch_with_a_start_batch_continues_the_stream():
+    """Short fine-tunes in a row (the tolerance controller) must see all the data, not the start of epoch 0 again."""
+    bundle = load_data("digits", batch_size=64, seed=4)
+    bundle.set_epoch(2)
+    whole = [y for _, y in bundle.train]
+    bundle.set_epoch(2, start_batch=3)
+    rest = [y for _, y in bundle.train]
+    assert len(rest) == len(whole) - 3
+    assert all(torch.equal(a, b) for a, b in zip(whole[3:], rest))
+    bundle.set_epoch(2)  # the start applies to one pass only
+    assert len(list(bundle.train)) == len(whole)

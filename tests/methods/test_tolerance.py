@@ -108,3 +108,42 @@ def test_real_digits_run_meets_the_tolerance_on_validation(digits):
         dpruner.apply_plan(rebuilt, plan)
     rebuilt.load_state_dict(result.model.state_dict())
     assert torch.allclose(rebuilt.eval()(EXAMPLE), result.model.eval()(EXAMPLE), atol=1e-6)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_an_interrupted_run_to_the_same_result(digits):
+    """Stop the run right after its second checkpoint, resume from it: the result equals an uninterrupted run."""
+    config = ToleranceConfig(tolerance=0.01, budget_epochs=1.0, step_epochs=0.1, final_epochs=0.1, initial_rate=0.2)
+    measure = oracle(2.0)
+    full = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=measure)
+
+    saved = []
+
+    def crash_on_second(state):
+        saved.append(state)
+        if len(saved) == 2:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=measure,
+                           on_checkpoint=crash_on_second)
+    resumed = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=measure,
+                                 resume=saved[-1])
+    assert resumed.plans == full.plans
+    assert [h["action"] for h in resumed.history if h["action"] != "resume"] == [h["action"] for h in full.history]
+    for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_resume_refuses_a_state_from_other_options(digits):
+    config = ToleranceConfig(tolerance=0.01, budget_epochs=0.5, step_epochs=0.1, final_epochs=0.1)
+    saved = []
+    prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=oracle(100.0),
+                       on_checkpoint=saved.append)
+    other = ToleranceConfig(tolerance=0.02, budget_epochs=0.5, step_epochs=0.1, final_epochs=0.1)
+    with pytest.raises(InputError, match="same options"):
+        prune_to_tolerance(vgg(), EXAMPLE, digits, other, FAST, distill=False, measure=oracle(100.0),
+                           resume=saved[-1])
