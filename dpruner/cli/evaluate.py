@@ -20,6 +20,8 @@ def evaluate(
     model: ModelArg,
     data: t.DataOpt = None,
     val_fraction: t.ValFractionOpt = 0.1,
+    mean: t.MeanOpt = None,
+    std: t.StdOpt = None,
     batch_size: t.BatchSizeOpt = 256,
     workers: t.WorkersOpt = 0,
     device: t.DeviceOpt = "auto",
@@ -42,7 +44,7 @@ def evaluate(
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     shape = parse_input_shape(input_shape) if input_shape else loaded.input_shape
     bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                           val_fraction=val_fraction, seed=seed, download=download, ctx=ctx)
+                           val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std)
     results = evaluate_splits(loaded.model.to(dev), bundle, dev, ctx=ctx, quiet=quiet)
     if not ctx.is_main:
         return

@@ -36,8 +36,11 @@ def export(
     batches: BatchesOpt = "1,8",
     threads: ThreadsOpt = None,
     latency: LatencyOpt = True,
+    memory: Annotated[bool, typer.Option("--memory", help="Also measure the peak memory of one forward per runtime and batch (a fresh process each; adds seconds).")] = False,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
+    mean: t.MeanOpt = None,
+    std: t.StdOpt = None,
     workers: t.WorkersOpt = 0,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
@@ -63,7 +66,7 @@ def export(
         from dpruner.train.distributed import DistContext
 
         bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                               val_fraction=val_fraction, seed=0, download=False, ctx=DistContext())
+                               val_fraction=val_fraction, seed=0, download=False, ctx=DistContext(), mean=mean, std=std)
     result = export_model(after_loaded.model, shape, onnx, inputs=inputs, opset=opset, dynamic_batch=not static_batch,
                           exporter=exporter, simplify=simplify, atol=atol, keep_on_failure=keep_on_failure,
                           loader=bundle.test or bundle.val if bundle else None)
@@ -71,12 +74,12 @@ def export(
 
     written = result.written
     after = facts_for(after_loaded.model, shape, model, bundle, sizes, n_threads, latency,
-                      onnx_path=onnx if written else None)
+                      onnx_path=onnx if written else None, memory=memory)
     before = None
     if baseline is not None:
         base_loaded, _ = load_side(baseline, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
                                    input_shape=input_shape, shape=shape)
-        before = facts_for(base_loaded.model, shape, baseline, bundle, sizes, n_threads, latency)
+        before = facts_for(base_loaded.model, shape, baseline, bundle, sizes, n_threads, latency, memory=memory)
     doc = build_report(after, before, threads=n_threads, onnx={**result.info.to_json(), "written": written},
                        verification=result.verification.to_json())
     title = f"{baseline} -> {model}" if baseline else str(model)

@@ -32,6 +32,9 @@ def finetune(
     warmup_epochs: t.WarmupOpt = 0.0,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
+    mean: t.MeanOpt = None,
+    std: t.StdOpt = None,
+    augment: t.AugmentOpt = True,
     workers: t.WorkersOpt = 0,
     device: t.DeviceOpt = "auto",
     seed: t.SeedOpt = 0,
@@ -65,7 +68,7 @@ def finetune(
         raise ArchError(f"'{model}' holds a whole pickled model; pass --arch so the result can be rebuilt.")
     shape = parse_input_shape(input_shape) if input_shape else loaded.input_shape
     bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                           val_fraction=val_fraction, seed=seed, download=download, ctx=ctx)
+                           val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
     net = loaded.model.to(dev)
     teacher_model = None
     if teacher is not None and distill is not False:

@@ -38,6 +38,9 @@ def prune(
     warmup_epochs: t.WarmupOpt = 0.0,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
+    mean: t.MeanOpt = None,
+    std: t.StdOpt = None,
+    augment: t.AugmentOpt = True,
     workers: t.WorkersOpt = 0,
     device: t.DeviceOpt = "auto",
     download: t.DownloadOpt = False,
@@ -93,7 +96,7 @@ def prune(
 
         ctx, dev = setup(device)
         bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                               val_fraction=val_fraction, seed=seed, download=download, ctx=ctx)
+                               val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
         train = t.train_config(epochs=budget_epochs, lr=lr, weight_decay=weight_decay,
                                label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, device=device, seed=seed,
                                quiet=quiet, batch_size=batch_size)

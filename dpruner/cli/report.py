@@ -38,7 +38,7 @@ def load_side(path: Path, *, arch, num_classes, trust, input_shape, shape=None):
     return loaded, tuple(shape)
 
 
-def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=None):
+def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=None, memory=False):
     from dpruner.report.compare import measure_model
 
     accuracy = None
@@ -47,7 +47,7 @@ def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=N
 
         accuracy = {k: v.accuracy for k, v in evaluate_splits(model, bundle).items()}
     return measure_model(model, shape, source=str(path), pt_path=path, onnx_path=onnx_path, batches=batches,
-                         threads=threads, latency=latency, accuracy=accuracy)
+                         threads=threads, latency=latency, accuracy=accuracy, memory=memory)
 
 
 def write_markdown(path: Path, doc: dict, title: str, inputs) -> None:
@@ -66,8 +66,11 @@ def report(
     batches: Annotated[str, typer.Option("--batches", help="Batch sizes timed, comma-separated.")] = "1,8",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op threads (default: all cores).")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
+    memory: Annotated[bool, typer.Option("--memory", help="Also measure the peak memory of one forward per runtime and batch (a fresh process each; adds seconds).")] = False,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
+    mean: t.MeanOpt = None,
+    std: t.StdOpt = None,
     workers: t.WorkersOpt = 0,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
@@ -91,9 +94,9 @@ def report(
         from dpruner.train.distributed import DistContext
 
         bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                               val_fraction=val_fraction, seed=0, download=False, ctx=DistContext())
-    doc = build_report(facts_for(after_loaded.model, shape, after, bundle, sizes, n_threads, latency),
-                       facts_for(before_loaded.model, shape, before, bundle, sizes, n_threads, latency),
+                               val_fraction=val_fraction, seed=0, download=False, ctx=DistContext(), mean=mean, std=std)
+    doc = build_report(facts_for(after_loaded.model, shape, after, bundle, sizes, n_threads, latency, memory=memory),
+                       facts_for(before_loaded.model, shape, before, bundle, sizes, n_threads, latency, memory=memory),
                        threads=n_threads)
     title = f"{before} -> {after}"
     if markdown is not None:

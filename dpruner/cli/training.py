@@ -18,6 +18,9 @@ DownloadOpt = Annotated[bool, typer.Option("--download", help="cifar10:/cifar100
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (SGD, Nesterov momentum 0.9, cosine schedule).")]
 WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="Weight decay (not applied to biases and norm parameters).")]
 LabelSmoothingOpt = Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the cross-entropy loss.")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Override the data set's normalisation mean, comma-separated per channel (e.g. 0.485,0.456,0.406).")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Override the data set's normalisation std, comma-separated per channel.")]
+AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Training augmentation (random crop + flip for images).")]
 WarmupOpt = Annotated[float, typer.Option("--warmup-epochs", help="Linear learning-rate warm-up, in epochs (fractions allowed).")]
 
 
@@ -34,8 +37,19 @@ def train_config(*, epochs: float, lr: float, weight_decay: float, label_smoothi
                        warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet)
 
 
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    from dpruner.errors import InputError
+
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"{option} must be comma-separated numbers such as 0.5,0.5,0.5, got '{text}'.") from None
+
+
 def load_bundle(spec: str | None, *, input_shape, batch_size: int, workers: int, val_fraction: float, seed: int,
-                download: bool, ctx):
+                download: bool, ctx, mean: str | None = None, std: str | None = None, augment: bool = True):
     """The data set for a model whose input is `input_shape` (C,H,W or N,C,H,W; None: the data's own size)."""
     from dpruner.data.loaders import load_data
     from dpruner.errors import InputError
@@ -44,7 +58,8 @@ def load_bundle(spec: str | None, *, input_shape, batch_size: int, workers: int,
         raise InputError("This command needs --data (e.g. --data digits or --data imagefolder:ROOT).")
     image_size = int(input_shape[-1]) if input_shape is not None else None
     return load_data(spec, batch_size=batch_size, workers=workers, val_fraction=val_fraction, seed=seed,
-                     download=download, image_size=image_size, rank=ctx.rank, world_size=ctx.world_size)
+                     download=download, image_size=image_size, rank=ctx.rank, world_size=ctx.world_size,
+                     mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment)
 
 
 def percent(value: float | None) -> str:

@@ -24,6 +24,7 @@ class ModelFacts:
     onnx_bytes: int | None = None
     latency: dict[str, dict[int, Latency]] = field(default_factory=dict)  # runtime -> batch -> Latency
     accuracy: dict[str, float] | None = None  # split -> top-1
+    memory: dict[str, dict[int, int]] = field(default_factory=dict)  # runtime -> batch -> peak RSS growth (bytes)
 
     def to_json(self) -> dict:
         return {
@@ -32,12 +33,13 @@ class ModelFacts:
             "latency_ms": {rt: {str(b): {"median": lat.median_ms, "p90": lat.p90_ms, "runs": lat.runs}
                                 for b, lat in per.items()} for rt, per in self.latency.items()},
             "accuracy": self.accuracy,
+            "peak_forward_bytes": {rt: {str(b): v for b, v in per.items()} for rt, per in self.memory.items()} or None,
         }
 
 
 def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, source: str, pt_path: str | Path | None = None,
                   onnx_path: str | Path | None = None, batches: tuple[int, ...] = (1, 8), threads: int = 1,
-                  latency: bool = True, accuracy: dict[str, float] | None = None) -> ModelFacts:
+                  latency: bool = True, accuracy: dict[str, float] | None = None, memory: bool = False) -> ModelFacts:
     """Measure one model. Without `onnx_path` a temporary export (dpruner's defaults) is timed in ONNX Runtime and
     its size reported."""
     import torch
@@ -56,6 +58,11 @@ def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, source: str
         if latency:
             facts.latency["torch"] = {b: torch_latency(model, input_shape, b, threads) for b in batches}
             facts.latency["onnxruntime"] = {b: ort_latency(onnx_path, input_shape, b, threads) for b in batches}
+        if memory:
+            from dpruner.report.memory import forward_peak_bytes
+
+            facts.memory = {rt: {b: forward_peak_bytes(rt, model, onnx_path, input_shape, b, threads) for b in batches}
+                            for rt in RUNTIMES}
     return facts
 
 
@@ -79,6 +86,10 @@ def ratios(before: ModelFacts, after: ModelFacts) -> dict:
             speedup = ref.median_ms / lat.median_ms
             out["speedup"].setdefault(runtime, {})[str(batch)] = speedup
             out["speedup_per_macs"].setdefault(runtime, {})[str(batch)] = speedup / macs if macs else None
+    for runtime, per in after.memory.items():
+        for batch, value in per.items():
+            ref = before.memory.get(runtime, {}).get(batch)
+            out.setdefault("peak_forward_bytes", {}).setdefault(runtime, {})[str(batch)] = _ratio(ref, value)
     if before.accuracy and after.accuracy:
         out["accuracy_delta"] = {k: after.accuracy[k] - before.accuracy[k] for k in after.accuracy
                                  if k in before.accuracy}

@@ -46,6 +46,11 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
                 return "-" if x is None else f"{x['median']:.2f} ms (p90 {x['p90']:.2f}, n={x['runs']})"
             ratio = "-" if speed is None else f"{speed:.2f}x" + ("" if eff is None else f" ({eff:.2f} of MACs)")
             out.append((f"{runtime} batch {batch}", cell(ref), cell(lat), ratio))
+    for runtime, per in (after.get("peak_forward_bytes") or {}).items():
+        for batch, value in per.items():
+            ref = ((before.get("peak_forward_bytes") or {}).get(runtime) or {}).get(batch)
+            ratio = ((ratios.get("peak_forward_bytes") or {}).get(runtime) or {}).get(batch)
+            out.append((f"{runtime} peak memory, batch {batch}", _size(ref), _size(value), _x(ratio)))
     for split, acc in (after.get("accuracy") or {}).items():
         ref = (before.get("accuracy") or {}).get(split)
         delta = "-" if ref is None else f"{100 * (acc - ref):+.2f} pt"

@@ -80,6 +80,7 @@ def test_ratio_with_data_fine_tunes_after_pruning(tmp_path):
     (["evaluate", VGG, "--data", "nosuch:thing"], "Unknown data set"),
     (["evaluate", VGG, "--data", "imagefolder:/does/not/exist"], "/does/not/exist"),
     (["evaluate", VGG], "needs --data"),
+    (["evaluate", VGG, "--data", "digits", "--mean", "a,b"], "--mean must be"),
     (["finetune", VGG, "--data", "digits", "-o", "y.pt", "--resume"], "no saved state"),
     (["prune", VGG, "--data", "digits", "--tolerance", "1%", "-o", "y.pt", "--resume"], "no saved state"),
     (["prune", VGG, "--ratio", "2x", "-o", "y.pt", "--resume"], "--resume applies"),
@@ -140,3 +141,19 @@ def test_same_seed_same_result_byte_for_byte(tmp_path):
     assert a["plan"] == b["plan"]
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_torchrun_tolerance_run_agrees_across_ranks(tmp_path):
+    """Both ranks take the same controller decisions (metrics are summed before they are read); rank 0 writes."""
+    out = tmp_path / "tol.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "dpruner",
+         "prune", VGG, "--data", "digits", "--tolerance", "1%", "--budget-epochs", "2", "--step-epochs", "0.5",
+         "-o", str(out), "--json", "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["world_size"] == 2 and doc["target_met"] and doc["ratio"]["macs"] > 1
+    assert doc["after"]["accuracy"] >= doc["before"]["accuracy"] - 0.01 - 1e-9
+    loaded = dpruner.load_checkpoint(out)
+    assert dpruner.count_macs(loaded.model, torch.randn(1, 1, 8, 8)).total == doc["after"]["macs"]

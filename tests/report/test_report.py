@@ -87,3 +87,14 @@ def test_export_with_baseline_json_schema(tmp_path):
     assert doc["after"]["file_bytes"]["onnx"] == (tmp_path / "s.onnx").stat().st_size
     check_side(doc["before"])
     check_side(doc["after"])
+
+
+def test_memory_probe_reports_forward_memory_that_grows_with_the_batch():
+    from dpruner.report.memory import forward_peak_bytes
+    from dpruner.zoo import resnet20
+
+    model = resnet20().eval()
+    small = forward_peak_bytes("torch", model, None, (1, 3, 32, 32), 1, 1)
+    large = forward_peak_bytes("torch", model, None, (1, 3, 32, 32), 256, 1)
+    # batch 256 holds at least one 256x16x32x32 float activation (16 MiB) at a time
+    assert large > 16 * 2**20 > small >= 0
