@@ -53,9 +53,11 @@ def evaluate(
     if json_output:
         emit_json(document)
         return
-    table = Table(title=f"{model} on {bundle.name}")
+    out = stdout_console()
+    out.print(f"{model} on {bundle.name}")
+    table = Table()
     for header in ("split", "top-1", "loss", "samples"):
         table.add_column(header, justify="left" if header == "split" else "right")
     for split, r in results.items():
         table.add_row(split, t.percent(r.accuracy), f"{r.loss:.4f}", str(r.samples))
-    stdout_console().print(table)
+    out.print(table)

@@ -100,11 +100,13 @@ def finetune(
     if json_output:
         emit_json(document)
         return
-    table = Table(title=f"{model} -> {output}  ({bundle.name})")
+    out = stdout_console()
+    out.print(f"{model} -> {output}  ({bundle.name})")
+    table = Table()
     for header in ("split", "before", "after"):
         table.add_column(header, justify="left" if header == "split" else "right")
     for split in after:
         table.add_row(split, t.percent(before[split].accuracy), t.percent(after[split].accuracy))
-    stdout_console().print(table)
+    out.print(table)
     stderr_console().print(f"[dim]{result.fit.epochs:g} epochs, {result.fit.seconds:.0f} s on {dev}"
                            f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}[/dim]")
