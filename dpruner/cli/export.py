@@ -56,7 +56,12 @@ def export(
 
     from dpruner.cli.report import load_side, parse_batches, write_markdown
 
+    from dpruner.io.atomic import check_not_input
+
     inputs = [model, baseline]
+    check_not_input(onnx, inputs)
+    if markdown is not None:
+        check_not_input(markdown, [*inputs, onnx])
     n_threads = threads or default_threads()
     sizes = parse_batches(batches)
     after_loaded, shape = load_side(model, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
@@ -73,13 +78,18 @@ def export(
     from dpruner.cli.report import facts_for
 
     written = result.written
+    # latency runs at every --batches size: a static-batch file cannot, so a dynamic twin is timed instead
+    settings = {"opset": opset, "exporter": exporter}
     after = facts_for(after_loaded.model, shape, model, bundle, sizes, n_threads, latency,
-                      onnx_path=onnx if written else None, memory=memory)
+                      onnx_path=onnx if written and not static_batch else None, memory=memory, export=settings)
+    if written:
+        after.onnx_bytes = onnx.stat().st_size
     before = None
     if baseline is not None:
         base_loaded, _ = load_side(baseline, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
                                    input_shape=input_shape, shape=shape)
-        before = facts_for(base_loaded.model, shape, baseline, bundle, sizes, n_threads, latency, memory=memory)
+        before = facts_for(base_loaded.model, shape, baseline, bundle, sizes, n_threads, latency, memory=memory,
+                           export=settings)
     doc = build_report(after, before, threads=n_threads, onnx={**result.info.to_json(), "written": written},
                        verification=result.verification.to_json())
     title = f"{baseline} -> {model}" if baseline else str(model)

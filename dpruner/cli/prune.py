@@ -71,10 +71,13 @@ def prune(
     from dpruner.methods.api import parse_ratio, prune as run_prune
 
     check_not_input(output, [model])
+    check_not_input(f"{output}.resume", [model])  # a tolerance run's state lives beside the output
     if tolerance is not None and (ratio is not None or sparsity is not None):
         raise InputError("Give one of --ratio, --sparsity and --tolerance.")
     if tolerance is not None and data is None:
         raise InputError("--tolerance needs --data: accuracy is measured on its validation split.")
+    if data is not None and budget_epochs <= 0:
+        raise InputError(f"--budget-epochs must be positive, got {budget_epochs:g}.")
     if resume and tolerance is None:
         raise InputError("--resume applies to --tolerance runs; a one-shot prune has nothing to resume.")
     err = stderr_console()
@@ -167,7 +170,9 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
             if not state_path.is_file():
                 raise InputError(f"--resume was given but there is no saved state at '{state_path}'; run without "
                                  "--resume to start over.")
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            from dpruner.train.api import load_state
+
+            state = load_state(state_path)
 
         def save_state(payload: dict) -> None:
             if ctx.is_main:

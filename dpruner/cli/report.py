@@ -38,7 +38,7 @@ def load_side(path: Path, *, arch, num_classes, trust, input_shape, shape=None):
     return loaded, tuple(shape)
 
 
-def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=None, memory=False):
+def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=None, memory=False, export=None):
     from dpruner.report.compare import measure_model
 
     accuracy = None
@@ -47,7 +47,7 @@ def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=N
 
         accuracy = {k: v.accuracy for k, v in evaluate_splits(model, bundle).items()}
     return measure_model(model, shape, source=str(path), pt_path=path, onnx_path=onnx_path, batches=batches,
-                         threads=threads, latency=latency, accuracy=accuracy, memory=memory)
+                         threads=threads, latency=latency, accuracy=accuracy, memory=memory, export=export)
 
 
 def write_markdown(path: Path, doc: dict, title: str, inputs) -> None:
@@ -83,6 +83,10 @@ def report(
     from dpruner.report.latency import default_threads
     from dpruner.report.render import footer, rich_table
 
+    from dpruner.io.atomic import check_not_input
+
+    if markdown is not None:
+        check_not_input(markdown, [before, after])
     n_threads = threads or default_threads()
     sizes = parse_batches(batches)
     after_loaded, shape = load_side(after, arch=arch, num_classes=num_classes, trust=trust_checkpoint,

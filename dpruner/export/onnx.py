@@ -58,7 +58,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | os.P
             else:
                 shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
                 torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=shapes,
-                                  external_data=False, **kwargs)
+                                  external_data=False, verbose=False, **kwargs)
     except Exception as exc:  # the exporter's failures are about the model: say which op, without a traceback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedError(f"torch.onnx.export ({exporter}, opset {opset}) failed: {first[:300]}") from None

@@ -62,7 +62,6 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     batches = [torch.randn(n, *input_shape[1:], generator=gen) for n in sizes]
     result.batch_sizes = sizes
     if loader is not None:
-        result.real_data = True
         for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
@@ -72,6 +71,7 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
                 if x.shape[0] != input_shape[0]:
                     break
             batches.append(x)
+            result.real_data = True
     agree = 0
     model = model.eval()
     with torch.no_grad():

@@ -79,6 +79,9 @@ class ToleranceConfig:
             raise InputError("--budget-epochs and --step-epochs must be positive.")
         if self.max_ratio is not None and self.max_ratio <= 1:
             raise InputError(f"--max-ratio must be greater than 1, got {self.max_ratio:g}.")
+        if self.budget_epochs < self.step_epochs + self.final:
+            raise InputError(f"--budget-epochs {self.budget_epochs:g} leaves no room for a pruning step: it must "
+                             f"cover one step ({self.step_epochs:g}) plus the final fine-tune ({self.final:g}).")
 
     @property
     def final(self) -> float:
@@ -184,16 +187,29 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     good_model, good_plans, good_acc = copy.deepcopy(original), [], base_acc
     rate = config.initial_rate
     failures = 0
+    stopped: str | None = None  # why the pruning loop stopped early (kept in the resume state)
+    batches = len(data.train)
+    if batches == 0:
+        from dpruner.data.spec import DataError
+
+        raise DataError("The training split is empty (a loader with drop_last and fewer items than a batch?).")
+    step_epochs = max(1, round(config.step_epochs * batches)) / batches  # what fit will really train
+    identity = {"data": getattr(data, "name", None), "params": base["params"], "macs": base["macs"],
+                "world_size": ctx.world_size, "distill": distill}
     if resume is None:
         record({"action": "start", "val_accuracy": base_acc, "floor": floor, **base,
                 "ratio_macs": 1.0, "ratio_params": 1.0})
     else:
-        check_resumable(resume, config, train)
-        for plan in resume["plans"]:
-            apply_plan(good_model, plan)
-        good_model.load_state_dict(resume["model"])
+        check_resumable(resume, config, train, identity)
+        try:
+            for plan in resume["plans"]:
+                apply_plan(good_model, plan)
+            good_model.load_state_dict(resume["model"])
+        except (RuntimeError, KeyError, ValueError):
+            raise InputError("The saved tolerance-run state does not fit this model; run without --resume.") from None
         good_plans, good_acc = list(resume["plans"]), resume["good_acc"]
         rate, failures, used, step_no = resume["rate"], resume["failures"], resume["used"], resume["step"]
+        stopped = resume.get("stopped")
         history.extend(resume["history"])
         record({"action": "resume", "val_accuracy": good_acc, "rate": rate})
 
@@ -209,24 +225,29 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
 
     def checkpoint() -> None:
         if on_checkpoint is not None:
-            on_checkpoint({"format": STATE_FORMAT, "config": _config_json(config, train), "plans": good_plans,
+            on_checkpoint({"format": STATE_FORMAT, "config": _config_json(config, train, identity),
+                           "stopped": stopped, "plans": good_plans,
                            "model": good_model.state_dict(), "good_acc": good_acc, "rate": rate,
                            "failures": failures, "used": used, "step": step_no, "history": history,
                            "position": position})
 
     current = copy.deepcopy(good_model)
     loop_budget = config.budget_epochs - config.final
-    while used + config.step_epochs <= loop_budget + 1e-9 and failures < config.max_failures:
+    while used + step_epochs <= loop_budget + 1e-9 and failures < config.max_failures and stopped is None:
         step_no += 1
         current.cpu().eval()
         graph, index = analyze_groups(current, example, exclude=config.exclude, leaf_modules=leaf_modules)
         scores = score_groups(current, graph, index, config.method)
         n_prunable = sum(len(g) for g in index.groups if g.prunable)
         if not scores or n_prunable == 0:
-            record({"action": "stop", "reason": "nothing left to prune"})
+            stopped = "nothing left to prune"
+            record({"action": "stop", "reason": stopped})
+            checkpoint()
             break
         if rate < config.min_step:
-            record({"action": "stop", "reason": f"the pruning rate fell to {100 * rate:.2f}% (< --min-step)"})
+            stopped = f"the pruning rate fell to {100 * rate:.2f}% (< --min-step)"
+            record({"action": "stop", "reason": stopped})
+            checkpoint()
             break
         flat = np.concatenate([normalized(s) for s in scores.values()])
         threshold = float(np.quantile(flat, min(rate, config.max_rate)))
@@ -241,7 +262,9 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
                 capped = True
         share = float(removed.sum()) / n_prunable
         if not removed.any():
-            record({"action": "stop", "reason": "every group is at its --max-fraction cap"})
+            stopped = "every group is at its --max-fraction cap"
+            record({"action": "stop", "reason": stopped})
+            checkpoint()
             break
         # AFP: fine-tune with the L1 penalty on exactly the channels about to go, then remove them.
         steps = max(1, round(config.step_epochs * len(data.train)))
@@ -262,8 +285,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         if margin < 0:
             record({"action": "prune", "accepted": False, **entry})
             spent = 0.0
-            while margin < 0 and spent + config.step_epochs <= config.recover + 1e-9 \
-                    and used + config.step_epochs <= loop_budget + 1e-9:
+            while margin < 0 and spent + step_epochs <= config.recover + 1e-9 \
+                    and used + step_epochs <= loop_budget + 1e-9:
                 done = train_for(current, config.step_epochs, train.seed + 1000 + step_no, None,
                                  f"step {step_no}: recover")
                 spent += done
@@ -278,10 +301,13 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
                 record({"action": "prune", "accepted": True, **entry})
             good_model, good_plans, good_acc = copy.deepcopy(current).cpu(), [*good_plans, plan], acc
             failures = 0
-            rate *= config.shrink if recovered else 1 + config.gain * min(margin / config.tolerance, 2.0)
+            rate = min(rate * (config.shrink if recovered else 1 + config.gain * min(margin / config.tolerance, 2.0)),
+                       config.max_rate)
             checkpoint()
             if capped:
-                record({"action": "stop", "reason": f"--max-ratio {config.max_ratio:g} reached"})
+                stopped = f"--max-ratio {config.max_ratio:g} reached"
+                record({"action": "stop", "reason": stopped})
+                checkpoint()
                 break
         else:
             failures += 1
@@ -291,8 +317,9 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
                     "reason": "tolerance exceeded; back to the last good model with a smaller step"})
             checkpoint()
     else:
-        record({"action": "stop", "reason": "budget spent" if failures < config.max_failures
-                else f"{config.max_failures} failed steps in a row"})
+        if stopped is None:
+            record({"action": "stop", "reason": "budget spent" if failures < config.max_failures
+                    else f"{config.max_failures} failed steps in a row"})
 
     met = bool(good_plans)
     final_model = good_model.to(device)
@@ -318,20 +345,24 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
 STATE_FORMAT = "dpruner_tolerance_state"
 
 
-def _config_json(config: ToleranceConfig, train: TrainConfig) -> dict:
+def _config_json(config: ToleranceConfig, train: TrainConfig, identity: dict) -> dict:
+    """What must match for a saved state to continue a run: the options that change results (not --quiet or
+    --device), the data set, the input model's size, the process count and distillation."""
     from dataclasses import asdict
 
     controller = asdict(config)
     controller["exclude"] = list(controller["exclude"])
-    return {"controller": controller, "train": train.to_json()}
+    training = {k: v for k, v in train.to_json().items() if k not in ("quiet", "device")}
+    return {"controller": controller, "train": training, "identity": identity}
 
 
-def check_resumable(state: dict, config: ToleranceConfig, train: TrainConfig) -> None:
-    """A saved state continues only the run it came from: same controller and training options."""
+def check_resumable(state: dict, config: ToleranceConfig, train: TrainConfig, identity: dict) -> None:
+    """A saved state continues only the run it came from: same model, data and options."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise InputError("The resume file is not a dpruner tolerance-run state.")
-    if state["config"] != _config_json(config, train):
-        raise InputError("--resume needs the same options as the interrupted run (they differ from the saved ones).")
+    if state["config"] != _config_json(config, train, identity):
+        raise InputError("--resume needs the same model, data and options as the interrupted run (they differ "
+                         "from the saved ones).")
 
 
 def _describe(entry: dict) -> str:

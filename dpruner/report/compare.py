@@ -39,9 +39,10 @@ class ModelFacts:
 
 def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, source: str, pt_path: str | Path | None = None,
                   onnx_path: str | Path | None = None, batches: tuple[int, ...] = (1, 8), threads: int = 1,
-                  latency: bool = True, accuracy: dict[str, float] | None = None, memory: bool = False) -> ModelFacts:
-    """Measure one model. Without `onnx_path` a temporary export (dpruner's defaults) is timed in ONNX Runtime and
-    its size reported."""
+                  latency: bool = True, accuracy: dict[str, float] | None = None, memory: bool = False,
+                  export: dict | None = None) -> ModelFacts:
+    """Measure one model. Without `onnx_path` a temporary export (dynamic batch, `export` settings such as opset
+    and exporter, else dpruner's defaults) is timed in ONNX Runtime and its size reported."""
     import torch
 
     from dpruner.export.onnx import export_onnx
@@ -53,7 +54,7 @@ def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, source: str
     with tempfile.TemporaryDirectory(prefix="dpruner-report-") as tmp:
         if onnx_path is None:
             onnx_path = Path(tmp) / "model.onnx"
-            export_onnx(model, (1, *input_shape[1:]), onnx_path)
+            export_onnx(model, (1, *input_shape[1:]), onnx_path, **(export or {}))
         facts.onnx_bytes = Path(onnx_path).stat().st_size
         if latency:
             facts.latency["torch"] = {b: torch_latency(model, input_shape, b, threads) for b in batches}

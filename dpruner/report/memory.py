@@ -7,6 +7,7 @@ loading peaked higher). PyTorch's allocator statistics exist only for CUDA, henc
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,8 +58,9 @@ print(json.dumps({"before": before, "after": peak()}))
 
 
 def forward_peak_bytes(runtime: str, model: nn.Module | None, onnx_path: str | Path | None,
-                       input_shape: tuple[int, ...], batch: int, threads: int) -> int:
-    """Peak RSS growth (bytes) of the first forward at `batch` in a fresh process ('torch' or 'onnxruntime')."""
+                       input_shape: tuple[int, ...], batch: int, threads: int) -> int | None:
+    """Peak extra resident bytes of the first forward at `batch` in a fresh process ('torch' or 'onnxruntime');
+    None when the probe cannot run (e.g. a model class the fresh process cannot import)."""
     with tempfile.TemporaryDirectory(prefix="dpruner-memory-") as tmp:
         if runtime == "torch":
             path = Path(tmp) / "model.pt"
@@ -66,9 +68,10 @@ def forward_peak_bytes(runtime: str, model: nn.Module | None, onnx_path: str | P
         else:
             path = Path(onnx_path)
         shape = ",".join(str(v) for v in (batch, *input_shape[1:]))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         proc = subprocess.run([sys.executable, "-c", _CHILD, runtime, str(path), shape, str(threads)],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode:
-        raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return None
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return max(0, result["after"] - result["before"])

@@ -40,6 +40,15 @@ def state_path_for(output: str | Path) -> Path:
     return output.with_name(output.name + ".resume")
 
 
+def load_state(path: Path) -> dict:
+    """A saved training or tolerance-run state (weights_only); a damaged file is a user error, not a crash."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"Cannot read the saved state '{path}' ({type(exc).__name__}); delete it and run "
+                         "without --resume.") from None
+
+
 def finetune(model: nn.Module, data, config: TrainConfig, *, device: torch.device | str = "cpu",
              ctx: DistContext = DistContext(), teacher: nn.Module | None = None, state_path: Path | None = None,
              resume: bool = False) -> FinetuneResult:
@@ -53,7 +62,7 @@ def finetune(model: nn.Module, data, config: TrainConfig, *, device: torch.devic
         if state_path is None or not state_path.is_file():
             raise InputError(f"--resume was given but there is no saved state at '{state_path}'; run without "
                              "--resume to start over.")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_state(state_path)
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise InputError(f"'{state_path}' is not a dpruner training state.")
         if state["config"] != config.to_json():

@@ -73,6 +73,10 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
     """
     device = torch.device(device)
     steps_per_epoch = len(data.train)
+    if steps_per_epoch == 0:
+        from dpruner.data.spec import DataError
+
+        raise DataError("The training split is empty (a loader with drop_last and fewer items than a batch?).")
     total = max(1, round(config.epochs * steps_per_epoch))
     cuda = device.type == "cuda"
     amp = config.amp if config.amp is not None else cuda
@@ -138,6 +142,11 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
                 on_epoch_end({"step": step, "total_steps": total, "optimizer": optimizer.state_dict(),
                               "rng": torch.get_rng_state()})
     loss_sum, correct, seen = sum_across([loss_sum, correct, seen], ctx, device)
+    if ctx.enabled:  # BatchNorm statistics drift apart on each rank's last batches: everyone takes rank 0's
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     model.eval()

@@ -104,3 +104,19 @@ def test_cli_export_with_real_data_verification(tmp_path):
     assert proc.returncode == 0, proc.stderr
     v = json.loads(proc.stdout)["verification"]
     assert v["real_data"] and v["samples"] == 9 + 359 and v["top1_agreement"] == 1.0
+
+
+def test_static_batch_export_still_reports_latency_at_every_batch_size(tmp_path):
+    out = tmp_path / "s.onnx"
+    proc = dp("export", VGG, "--onnx", str(out), "--static-batch", "--batches", "1,4", "--threads", "1", "--json",
+              "--markdown", str(tmp_path / "r.md"))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["onnx"]["dynamic_batch"] is False and doc["after"]["file_bytes"]["onnx"] == out.stat().st_size
+    assert sorted(doc["after"]["latency_ms"]["onnxruntime"]) == ["1", "4"]
+
+
+def test_markdown_may_not_overwrite_the_onnx_file(tmp_path):
+    out = tmp_path / "s.onnx"
+    proc = dp("export", VGG, "--onnx", str(out), "--markdown", str(out), "--no-latency")
+    assert proc.returncode == 2 and "Refusing to overwrite" in proc.stderr and not out.exists()

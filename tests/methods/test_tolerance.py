@@ -144,6 +144,20 @@ def test_resume_refuses_a_state_from_other_options(digits):
     prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=oracle(100.0),
                        on_checkpoint=saved.append)
     other = ToleranceConfig(tolerance=0.02, budget_epochs=0.5, step_epochs=0.1, final_epochs=0.1)
-    with pytest.raises(InputError, match="same options"):
+    with pytest.raises(InputError, match="same model, data and options"):
         prune_to_tolerance(vgg(), EXAMPLE, digits, other, FAST, distill=False, measure=oracle(100.0),
                            resume=saved[-1])
+
+
+def test_a_budget_without_room_for_a_step_is_refused():
+    with pytest.raises(InputError, match="no room for a pruning step"):
+        ToleranceConfig(tolerance=0.01, budget_epochs=1, step_epochs=1)
+
+
+def test_the_rate_never_exceeds_max_rate(digits):
+    """Accepted steps raise the rate; it is capped, so a later halving really gives a smaller step."""
+    config = ToleranceConfig(tolerance=0.01, budget_epochs=1.2, step_epochs=0.1, final_epochs=0.1, initial_rate=0.3,
+                             max_rate=0.4)
+    result = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=oracle(100.0))
+    rates = [h["rate"] for h in result.history if h["action"] == "prune"]
+    assert len(rates) >= 2 and max(rates) <= 0.4 + 1e-12
