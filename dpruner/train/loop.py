@@ -123,7 +123,10 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
                                 + config.distill_alpha * distillation_loss(logits, target, config.distill_temperature))
                 if penalty is not None:
                     loss = loss + penalty(model)
-                if not torch.isfinite(loss):
+                bad = not bool(torch.isfinite(loss))
+                if ctx.enabled:  # all ranks must stop together, or the others wait forever in the next all-reduce
+                    bad = sum_across([float(bad)], ctx, device)[0] > 0
+                if bad:
                     from dpruner.errors import DprunerError
 
                     raise DprunerError(f"The training loss became {loss.item()} at step {step}; lower --lr.")
