@@ -129,7 +129,7 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
                 if bad:
                     from dpruner.errors import DprunerError
 
-                    raise DprunerError(f"The training loss became {loss.item()} at step {step}; lower --lr.")
+                    raise DprunerError(f"The training loss became non-finite (nan or inf) at step {step}; lower --lr.")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
