@@ -113,7 +113,7 @@ def prune(
             one_shot = dict(ratio=parse_ratio(ratio) if ratio is not None else None, sparsity=sparsity, target=target,
                             method=method, allocation=allocation, exclude=tuple(exclude or ()), round_to=round_to,
                             max_fraction=max_fraction, seed=seed)
-        log = (lambda message: err.print(f"[dim]{message}[/dim]")) if ctx.is_main and not quiet else (lambda m: None)
+        log = (lambda message: err.print(f"[dim]{message}[/dim]", soft_wrap=True)) if ctx.is_main and not quiet else (lambda m: None)
         return _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, controller=controller,
                                 one_shot=one_shot, distill=distill, method=method, json_output=json_output, log=log,
                                 resume=resume)
