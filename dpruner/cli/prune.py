@@ -249,8 +249,11 @@ def render(doc: dict) -> None:
             table.add_row(label, t.percent(doc["before"][key]), t.percent(doc["after"][key]), f"{delta:+.2f} pt")
     out.print(table)
     if "history" in doc:
-        out.print(f"{len([h for h in doc['history'] if h.get('accepted') and h['action'] != 'final'])} accepted steps, "
-                  f"{doc['epochs_used']:.2f} fine-tuning epochs on {doc['data']}.")
+        if doc["history"]:
+            accepted = len([h for h in doc["history"] if h.get("accepted") and h["action"] != "final"])
+            out.print(f"{accepted} accepted steps, {doc['epochs_used']:.2f} fine-tuning epochs on {doc['data']}.")
+        else:
+            out.print(f"Pruned one-shot, then fine-tuned {doc['epochs_used']:.2f} epochs on {doc['data']}.")
         return
     pruned = [g for g in doc["groups"] if g["kept"] < g["channels"]]
     out.print(f"{len(pruned)} of {len(doc['groups'])} prunable channel groups pruned.")
