@@ -57,7 +57,7 @@ def finetune(
     from dpruner.train.distributed import setup
 
     check_not_input(output, [model, teacher])
-    check_not_input(f"{output}.resume", [model, teacher])  # the training state lives beside the output
+    check_not_input(state_path_for(output), [model, teacher])  # the training state lives beside the output
     if epochs <= 0:
         raise InputError(f"--epochs must be positive, got {epochs:g}.")
     if distill and teacher is None:

@@ -69,9 +69,10 @@ def prune(
     from dpruner.io.atomic import check_not_input
     from dpruner.io.shapes import resolve_input_shape
     from dpruner.methods.api import parse_ratio, prune as run_prune
+    from dpruner.train.api import state_path_for
 
     check_not_input(output, [model])
-    check_not_input(f"{output}.resume", [model])  # a tolerance run's state lives beside the output
+    check_not_input(state_path_for(output), [model])  # a tolerance run's state lives beside the output
     if tolerance is not None and (ratio is not None or sparsity is not None):
         raise InputError("Give one of --ratio, --sparsity and --tolerance.")
     if tolerance is not None and data is None:
@@ -197,10 +198,10 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
     pruned.cpu().eval()
     if not ctx.is_main:
         return
-    from dpruner.metrics.macs import count_macs, count_params
+    from dpruner.metrics.macs import count_sizes
 
     def sizes(m, acc):
-        out = {"params": count_params(m), "macs": count_macs(m, example).total, "accuracy": acc["val"].accuracy}
+        out = {**count_sizes(m, example), "accuracy": acc["val"].accuracy}
         if "test" in acc:
             out["test_accuracy"] = acc["test"].accuracy
         return out

@@ -16,7 +16,7 @@ from dpruner.graph.build import DependencyGraph, build_graph
 from dpruner.graph.groups import ChannelIndex, channel_groups
 from dpruner.methods.cost import build_cost_model
 from dpruner.methods.oneshot import Allocation, normalized, search, select
-from dpruner.metrics.macs import count_macs, count_params
+from dpruner.metrics.macs import count_macs, count_params, count_sizes
 from dpruner.surgery.plan import apply_plan, make_plan
 from dpruner.surgery.views import group_tensors
 
@@ -70,10 +70,6 @@ def score_groups(model: nn.Module, graph: DependencyGraph, index: ChannelIndex, 
     return scores
 
 
-def _measure(model: nn.Module, example: torch.Tensor) -> dict:
-    return {"params": count_params(model), "macs": count_macs(model, example).total}
-
-
 def prune(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -113,7 +109,7 @@ def prune(
         if sparsity is not None:
             level = sparsity if alloc.kind == "uniform" else _global_quantile(scores, sparsity)
             plan = make_plan(graph, index, index.roots[select(index, scores, alloc, level)])
-            after = _measure(apply_plan(copy.deepcopy(model), plan), example_input)
+            after = count_sizes(apply_plan(copy.deepcopy(model), plan), example_input)
             met = True
         else:
             cost = build_cost_model(model, graph, index, base_macs.by_module, base_macs.total)
@@ -167,7 +163,7 @@ def _search_ratio(model, example, graph, index, scores, alloc, cost, target, goa
     for _ in range(MAX_CORRECTIONS):
         removed, estimate = search(index, scores, alloc, cost, target=target, goal=aim)
         plan = make_plan(graph, index, index.roots[removed])
-        after = _measure(apply_plan(copy.deepcopy(model), plan), example)
+        after = count_sizes(apply_plan(copy.deepcopy(model), plan), example)
         real = after[target]
         met = (1 - RATIO_TOLERANCE) * goal <= real <= goal
         if best is None or _better(real, best[1][target], goal):

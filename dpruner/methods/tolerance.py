@@ -41,7 +41,7 @@ from dpruner.errors import InputError
 from dpruner.methods.api import analyze_groups, score_groups
 from dpruner.methods.cost import build_cost_model
 from dpruner.methods.oneshot import Allocation, normalized, search, select
-from dpruner.metrics.macs import count_macs, count_params
+from dpruner.metrics.macs import count_macs, count_sizes
 from dpruner.surgery.plan import apply_plan, make_plan
 from dpruner.surgery.views import channel_parameters
 from dpruner.train.config import TrainConfig
@@ -125,10 +125,6 @@ def parse_tolerance(text: str | float) -> float:
     return value
 
 
-def _sizes(model: nn.Module, example: torch.Tensor) -> dict:
-    return {"params": count_params(model), "macs": count_macs(model, example).total}
-
-
 def _penalty(params: list[tuple[torch.Tensor, int, torch.Tensor]], strength: float, train: TrainConfig,
              steps: int) -> Callable | None:
     """sum_t lambda_t * |theta_t[U]|_1 with lambda_t = strength * mean|theta_t[U]| * (1 - mu) / (mean lr * steps);
@@ -167,7 +163,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     teacher = copy.deepcopy(original).to(device).eval() if distill else None
     for p in teacher.parameters() if teacher is not None else ():
         p.requires_grad_(False)
-    base = _sizes(original, example)
+    base = count_sizes(original, example)
     base_acc = measure(original.to(device))
     original.cpu()
     floor = base_acc - config.tolerance
@@ -275,7 +271,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         current.cpu().eval()
         plan = make_plan(graph, index, index.roots[removed])
         apply_plan(current, plan)
-        sizes = _sizes(current, example)
+        sizes = count_sizes(current, example)
         acc = measure(current.to(device))
         margin = acc - floor
         entry = {"rate": rate, "threshold": threshold, "removed_channels": int(removed.sum()), "removed_share": share, **sizes,
@@ -338,7 +334,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
             record({"action": "final", "accepted": kept, "val_accuracy": acc, "margin": acc - floor,
                     "epochs": remaining})
     final_model.cpu().eval()
-    after = {**_sizes(final_model, example), "accuracy": good_acc}
+    after = {**count_sizes(final_model, example), "accuracy": good_acc}
     return ToleranceResult(final_model, good_plans, met, before, after, history, used)
 
 

@@ -64,3 +64,8 @@ def count_macs(model, example_input) -> MacCount:
         by_module = {name: int(v) for name, v in analysis.by_module().items()}
         uncounted = dict(Counter(analysis.unsupported_ops()))
     return MacCount(total=total, by_module=by_module, uncounted_ops=uncounted)
+
+
+def count_sizes(model, example_input) -> dict:
+    """{'params': ..., 'macs': ...}: the two quantities every before/after comparison reports."""
+    return {"params": count_params(model), "macs": count_macs(model, example_input).total}
