@@ -23,11 +23,8 @@ normalisation and sharding: `mean`, `std` and `image_size` do not apply (mean/st
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import inspect
 import random
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,21 +474,9 @@ def _load_python(spec: DataSpec, opts: _Options) -> DataBundle:
 
 def _python_function(spec: DataSpec) -> Callable:
     """Import FILE.py by path (once per process and path) and return its FN."""
-    path = spec.file.resolve()
-    # A name derived from the absolute path keeps two different data.py files apart in sys.modules.
-    mod_name = f"dpruner_user_data_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
-    module = sys.modules.get(mod_name)
-    if module is None:
-        import_spec = importlib.util.spec_from_file_location(mod_name, path)
-        if import_spec is None or import_spec.loader is None:
-            raise DataError(f"Data loader file '{spec.file}' cannot be imported as Python.")
-        module = importlib.util.module_from_spec(import_spec)
-        sys.modules[mod_name] = module  # registered before running, so worker processes can unpickle its classes
-        try:
-            import_spec.loader.exec_module(module)
-        except Exception as exc:
-            del sys.modules[mod_name]
-            raise DataError(f"Importing '{spec.file}' failed: {type(exc).__name__}: {exc}") from exc
+    from dpruner.io.pyimport import import_by_path
+
+    module = import_by_path(spec.file, "dpruner_user_data", DataError, "Data loader file")
     function = getattr(module, spec.function, None)
     if function is None or not callable(function):
         raise DataError(f"'{spec.file}' has no function named '{spec.function}'.")

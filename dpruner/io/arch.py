@@ -8,11 +8,8 @@ Three forms, all ending in a callable that returns an ``nn.Module``:
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib
-import importlib.util
 import inspect
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,21 +109,9 @@ def _load_factory(spec: ArchSpec) -> Callable:
         path = Path(spec.target)
         if not path.is_file():
             raise ArchError(f"Architecture file '{spec.target}' does not exist.")
-        # A name derived from the absolute path keeps two different model.py files apart in sys.modules.
-        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-        mod_name = f"dpruner_user_arch_{path.stem}_{digest}"
-        module = sys.modules.get(mod_name)
-        if module is None:
-            import_spec = importlib.util.spec_from_file_location(mod_name, path)
-            if import_spec is None or import_spec.loader is None:
-                raise ArchError(f"Architecture file '{spec.target}' cannot be imported as Python.")
-            module = importlib.util.module_from_spec(import_spec)
-            sys.modules[mod_name] = module
-            try:
-                import_spec.loader.exec_module(module)
-            except Exception as exc:
-                del sys.modules[mod_name]
-                raise ArchError(f"Importing '{spec.target}' failed: {type(exc).__name__}: {exc}") from exc
+        from dpruner.io.pyimport import import_by_path
+
+        module = import_by_path(path, "dpruner_user_arch", ArchError, "Architecture file")
     else:
         try:
             module = importlib.import_module(spec.target)
