@@ -76,8 +76,7 @@ def finetune(
         teacher_model = load_checkpoint(teacher, arch=arch or loaded.arch, num_classes=loaded.num_classes,
                                         trust_checkpoint=trust_checkpoint).model.to(dev).eval()
     config = t.train_config(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
-                            warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet,
-                            batch_size=batch_size)
+                            warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet)
     before = evaluate_splits(net, bundle, dev, ctx=ctx)
     state = state_path_for(output)
     result = run_finetune(net, bundle, config, device=dev, ctx=ctx, teacher=teacher_model, state_path=state,

@@ -103,7 +103,7 @@ def prune(
                                val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
         train = t.train_config(epochs=budget_epochs, lr=lr, weight_decay=weight_decay,
                                label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, device=device, seed=seed,
-                               quiet=quiet, batch_size=batch_size)
+                               quiet=quiet)
         controller = one_shot = None
         if tolerance is not None:
             controller = ToleranceConfig(tolerance=parse_tolerance(tolerance), budget_epochs=budget_epochs,

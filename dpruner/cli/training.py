@@ -25,14 +25,14 @@ WarmupOpt = Annotated[float, typer.Option("--warmup-epochs", help="Linear learni
 
 
 def train_config(*, epochs: float, lr: float, weight_decay: float, label_smoothing: float, warmup_epochs: float,
-                 device: str, seed: int, quiet: bool, batch_size: int):
+                 device: str, seed: int, quiet: bool):
+    """TrainConfig from the shared options, after checking their ranges."""
     from dpruner.errors import InputError
     from dpruner.train.config import TrainConfig
 
     if lr <= 0 or weight_decay < 0 or not 0 <= label_smoothing < 1 or warmup_epochs < 0:
         raise InputError("--lr must be positive, --weight-decay and --warmup-epochs non-negative, and "
                          "--label-smoothing in [0, 1).")
-    del batch_size  # part of the data bundle, listed here so callers pass every training knob in one place
     return TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
                        warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet)
 
