@@ -21,6 +21,21 @@ def dp(*args: str, env: dict | None = None, timeout: int = 600):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def torchrun2(*args: str):
+    """`dpruner ARGS` as two CPU processes under torchrun (gloo), one intra-op thread each."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "dpruner", *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def rank_failure(stderr: str) -> str:
+    """What a failed torchrun run says: the ranks' own error lines, then torchrun's summary (which alone only names
+    the signal, and is long enough to push the rank's message out of a plain tail)."""
+    clues = [line for line in stderr.splitlines()
+             if any(k in line for k in ("Error", "error", "terminate", "what()", "Traceback", "Exception", "abort"))]
+    return "\n".join(clues[:40]) + "\n...\n" + stderr[-1500:]
+
+
 def test_evaluate_json():
     proc = dp("evaluate", VGG, "--data", "digits", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -115,11 +130,8 @@ def test_first_step_failure_exits_1_and_writes_nothing(tmp_path):
 
 def test_torchrun_two_cpu_processes_gloo(tmp_path):
     out = tmp_path / "ddp.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "dpruner",
-         "finetune", VGG, "--data", "digits", "--epochs", "1", "-o", str(out), "--json", "--device", "cpu"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = torchrun2("finetune", VGG, "--data", "digits", "--epochs", "1", "-o", str(out), "--json", "--device", "cpu")
+    assert proc.returncode == 0, rank_failure(proc.stderr)
     doc = json.loads(proc.stdout)  # exactly one JSON document: only rank 0 prints
     assert doc["world_size"] == 2
     assert doc["after"]["val"]["samples"] == 145 and doc["after"]["test"]["samples"] == 359  # exact, not padded
@@ -146,12 +158,9 @@ def test_same_seed_same_result_byte_for_byte(tmp_path):
 def test_torchrun_tolerance_run_agrees_across_ranks(tmp_path):
     """Both ranks take the same controller decisions (metrics are summed before they are read); rank 0 writes."""
     out = tmp_path / "tol.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "dpruner",
-         "prune", VGG, "--data", "digits", "--tolerance", "1%", "--budget-epochs", "2", "--step-epochs", "0.5",
-         "-o", str(out), "--json", "--device", "cpu"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = torchrun2("prune", VGG, "--data", "digits", "--tolerance", "1%", "--budget-epochs", "2", "--step-epochs",
+                     "0.5", "-o", str(out), "--json", "--device", "cpu")
+    assert proc.returncode == 0, rank_failure(proc.stderr)
     doc = json.loads(proc.stdout)
     assert doc["world_size"] == 2 and doc["target_met"] and doc["ratio"]["macs"] > 1
     assert doc["after"]["accuracy"] >= doc["before"]["accuracy"] - 0.01 - 1e-9
