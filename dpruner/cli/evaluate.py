@@ -16,6 +16,7 @@ SCHEMA_VERSION = 1
 
 
 @handle_errors
+@t.releases_process_group
 def evaluate(
     model: ModelArg,
     data: t.DataOpt = None,

@@ -18,6 +18,7 @@ SCHEMA_VERSION = 1
 
 
 @handle_errors
+@t.releases_process_group
 def finetune(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the fine-tuned dpruner checkpoint (never the input file).")],

@@ -19,6 +19,7 @@ SCHEMA_VERSION = 1
 
 
 @handle_errors
+@t.releases_process_group
 def prune(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pruned dpruner checkpoint (never the input file).")],

@@ -3,6 +3,7 @@ and the glue that turns them into library objects."""
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Optional
 
 import typer
@@ -22,6 +23,25 @@ MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Override the dat
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Override the data set's normalisation std, comma-separated per channel.")]
 AugmentOpt = Annotated[bool, typer.Option("--augment/--no-augment", help="Training augmentation (random crop + flip for images).")]
 WarmupOpt = Annotated[float, typer.Option("--warmup-epochs", help="Linear learning-rate warm-up, in epochs (fractions allowed).")]
+
+
+def releases_process_group(command):
+    """Wrap a command that may join a torchrun process group so that it leaves the group however it ends
+    (see dpruner.train.distributed.teardown for why a rank must not exit with the group alive)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        finally:
+            import sys
+
+            if "torch.distributed" in sys.modules:  # never import torch just to find there is nothing to do
+                from dpruner.train.distributed import teardown
+
+                teardown()
+
+    return wrapper
 
 
 def train_config(*, epochs: float, lr: float, weight_decay: float, label_smoothing: float, warmup_epochs: float,

@@ -29,7 +29,7 @@ class DistContext:
 
 def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
     """Pick the device and join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
-    LOCAL_RANK); a plain process gets DistContext() and no group."""
+    LOCAL_RANK); a plain process gets DistContext() and no group. Pair it with teardown()."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ctx = DistContext() if world <= 1 else DistContext(int(os.environ["RANK"]), world,
                                                        int(os.environ.get("LOCAL_RANK", "0")))
@@ -39,6 +39,14 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return ctx, device
+
+
+def teardown() -> None:
+    """Leave the process group, if this process joined one. Call it before the process exits: a rank that exits
+    with a live Gloo group can die with SIGABRT at interpreter shutdown, when Gloo's worker threads release tensors
+    after Python is gone (pytorch/pytorch#179291; seen here once as a rank-1 SIGABRT after a successful run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def sum_across(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:

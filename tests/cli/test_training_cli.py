@@ -166,3 +166,27 @@ def test_torchrun_tolerance_run_agrees_across_ranks(tmp_path):
     assert doc["after"]["accuracy"] >= doc["before"]["accuracy"] - 0.01 - 1e-9
     loaded = dpruner.load_checkpoint(out)
     assert dpruner.count_macs(loaded.model, torch.randn(1, 1, 8, 8)).total == doc["after"]["macs"]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_commands_leave_the_process_group_however_they_end(fails, tmp_path):
+    """A rank must not exit with a live Gloo group (it can die with SIGABRT at interpreter shutdown): the training
+    commands' wrapper destroys the group on success and on error."""
+    import torch.distributed as dist
+
+    from dpruner.cli.training import releases_process_group
+
+    @releases_process_group
+    def command():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+        if fails:
+            raise ValueError("boom")
+        return "done"
+
+    if fails:
+        with pytest.raises(ValueError):
+            command()
+    else:
+        assert command() == "done"
+    assert not dist.is_initialized()
