@@ -87,7 +87,8 @@ def pca_energy(filters: torch.Tensor, levels=PCA_LEVELS) -> dict:
     layer of torchvision's regnet_x_32gf).
     """
     n, d = filters.shape
-    centred = filters.float() - filters.float().mean(dim=0, keepdim=True)
+    filters = filters.float()
+    centred = filters - filters.mean(dim=0, keepdim=True)
     gram = centred @ centred.T if n <= d else centred.T @ centred
     eig = torch.linalg.eigvalsh(gram).double().flip(0).clamp_min(0)
     total = float(eig.sum())
@@ -135,10 +136,11 @@ def bn_measures(norm: nn.Module) -> dict:
 Measure = Callable[[nn.Module], dict]
 
 
-def default_measures(*, full: bool = False) -> dict[type, Measure]:
-    """Which measure runs on which layer type. analyze() takes such a mapping as an argument: activation-based
-    measures (with data) plug in by passing an extended mapping, without touching this module."""
-    filters = partial(filter_measures, max_cost=None if full else DEFAULT_MAX_COST)
+def default_measures(*, full: bool = False, max_cost: float = DEFAULT_MAX_COST) -> dict[type, Measure]:
+    """Which measure runs on which layer type (PCA/GM within `max_cost`, or always with `full`). analyze() takes such
+    a mapping as an argument: activation-based measures (with data) plug in by passing an extended mapping, without
+    touching this module."""
+    filters = partial(filter_measures, max_cost=None if full else max_cost)
     return {nn.Conv2d: filters, nn.ConvTranspose2d: filters, nn.Linear: filters, nn.BatchNorm2d: bn_measures}
 
 DEFINITIONS = {

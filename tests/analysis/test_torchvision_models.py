@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed (or does not work with this torch)")
 
 from dpruner.analysis import analyze  # noqa: E402
-from dpruner.analysis.redundancy import bn_measures, filter_measures  # noqa: E402
+from dpruner.analysis.redundancy import default_measures  # noqa: E402
 from dpruner.io.arch import build_model  # noqa: E402
 
 # Models above this size are skipped (documented in docs/analyze.md): building and tracing them takes minutes and
@@ -57,9 +56,7 @@ def test_analyze_torchvision_model(name):
     model = build_model(f"torchvision:{name}").eval()
     n_params = sum(p.numel() for p in model.parameters())
     size = 224 if name.startswith(NATIVE_224) else 128
-    filters = partial(filter_measures, max_cost=SWEEP_MAX_COST)
-    measures = {nn.Conv2d: filters, nn.ConvTranspose2d: filters, nn.Linear: filters, nn.BatchNorm2d: bn_measures}
-    result = analyze(model, (1, 3, size, size), measures=measures)
+    result = analyze(model, (1, 3, size, size), measures=default_measures(max_cost=SWEEP_MAX_COST))
     expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d))]
     assert [layer.name for layer in result.layers] == expected
     assert result.params == n_params
