@@ -4,6 +4,7 @@ and the glue that turns them into library objects."""
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -34,8 +35,6 @@ def releases_process_group(command):
         try:
             return command(*args, **kwargs)
         finally:
-            import sys
-
             if "torch.distributed" in sys.modules:  # never import torch just to find there is nothing to do
                 from dpruner.train.distributed import teardown
 

@@ -44,7 +44,7 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
 def teardown() -> None:
     """Leave the process group, if this process joined one. Call it before the process exits: a rank that exits
     with a live Gloo group can die with SIGABRT at interpreter shutdown, when Gloo's worker threads release tensors
-    after Python is gone (pytorch/pytorch#179291; seen here once as a rank-1 SIGABRT after a successful run)."""
+    after Python is gone (pytorch/pytorch#179291; a rank-1 SIGABRT seen once in the test suite fits this)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
