@@ -1,7 +1,7 @@
 """User-facing errors. Each carries the exit code the CLI returns (documented in docs/exit-codes.md).
 
 A DprunerError's message is one complete sentence a user can act on; the CLI prints it without a traceback
-(set DPRUNER_DEBUG=1 to see one). Anything else escaping the library is a bug.
+(set DPRUNER_DEBUG=1 to see one). Anything else escaping the library is a bug, and so is an EngineError.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ class UnsupportedError(DprunerError):
     """Something valid that dpruner does not handle (a layer, an op, a format feature)."""
 
 
+class UserCodeError(DprunerError):
+    """Code the user supplied (an architecture factory, a data loader, the model's own forward) raised or exited."""
+
+
 class TargetNotMetError(DprunerError):
     """A pruning target (ratio or tolerance) that could not be reached."""
 
@@ -49,3 +53,10 @@ class VerificationError(DprunerError):
     """An exported model whose outputs differ from PyTorch's beyond the tolerance."""
 
     exit_code = EXIT_VERIFICATION_FAILED
+
+
+class EngineError(DprunerError):
+    """dpruner's own fault, caught by one of its checks (e.g. a pruned model that no longer runs): exit 70, with
+    what failed and a workaround in the message, so it reads like any other error but is reported as a bug."""
+
+    exit_code = EXIT_INTERNAL

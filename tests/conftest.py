@@ -51,3 +51,18 @@ def tiny() -> TinyNet:
 def not_a_model() -> int:
     """A factory that returns something other than an nn.Module (for error tests)."""
     return 42
+
+
+# Hypothesis profiles: `ci` (the default: a small, fixed example count, no example database in the clone) and
+# `long` (10,000 examples; `pytest tests/cli/test_properties.py --hypothesis-profile=long`).
+try:
+    from hypothesis import HealthCheck, settings
+
+    _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                         HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=int(os.environ.get("DPRUNER_PROPERTY_EXAMPLES", "100")),
+                              database=None, derandomize=True, **_COMMON)
+    settings.register_profile("long", max_examples=10_000, **_COMMON)
+    settings.load_profile("ci")
+except ImportError:  # hypothesis is in the test extra; without it the property tests skip
+    pass

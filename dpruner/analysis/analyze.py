@@ -120,6 +120,9 @@ def analyze(
     `input_shape` is N,C,H,W; MACs are for that batch size. `full` lifts the cost limit on PCA/GM measures of huge
     layers. The model's train/eval mode is restored afterwards.
     """
+    from dpruner.validate import finite_weights
+
+    finite_weights(model, "The model")
     measures = default_measures(full=full) if measures is None else measures
     was_training = model.training
     model.eval()

@@ -32,7 +32,11 @@ def analyze(
 
     err = stderr_console()
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
-    shape, origin = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch)
+    from dpruner.validate import finite_weights
+
+    finite_weights(loaded.model, f"'{model}'")
+    shape, origin = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch,
+                                        source=str(model))
     if origin == "torchvision default":
         err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} (torchvision default; set --input-shape)[/dim]")
     source = {"path": str(model), "format": loaded.source_format, "arch": loaded.arch}

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from dpruner import __version__
+from dpruner.errors import EXIT_BAD_INPUT
 from dpruner.cli import analyze as analyze_cmd
 from dpruner.cli import evaluate as evaluate_cmd
 from dpruner.cli import export as export_cmd
@@ -46,6 +47,28 @@ def _root(
     """Exit codes: 0 ok, 1 target not met, 2 bad input or usage, 3 verification failed (docs/exit-codes.md)."""
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point. Usage errors print like every other error: one `error:` sentence, then the
+    usage line and where to get help (not Typer's boxed panel); the exit code is 2."""
+    import sys
+
+    from typer.exceptions import Abort, TyperException
+
+    try:
+        code = app(args=argv, prog_name="dpruner", standalone_mode=False)
+    except TyperException as exc:  # click's UsageError and friends (Typer vendors click)
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # bare `dpruner`: the help, as before
+            sys.stdout.write(ctx.get_help() + "\n")
+            sys.exit(EXIT_BAD_INPUT)
+        message = " ".join(exc.format_message().split())
+        message += "" if message.endswith((".", "?", "!")) else "."
+        sys.stderr.write(f"error: {message}\n")
+        if ctx is not None:
+            usage = " ".join(ctx.get_usage().split()).removeprefix("Usage: ")
+            sys.stderr.write(f"usage: {usage}  (see '{ctx.command_path} -h')\n")
+        sys.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT) or EXIT_BAD_INPUT)
+    except (Abort, KeyboardInterrupt):
+        sys.stderr.write("error: interrupted.\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

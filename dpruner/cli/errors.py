@@ -9,7 +9,18 @@ import traceback
 
 import typer
 
-from dpruner.errors import EXIT_INTERNAL, DprunerError
+from dpruner.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, DprunerError
+from dpruner.usercode import describe
+
+
+def _exit_origin(exc: SystemExit) -> str:
+    """'code in model.py line 12': the innermost frame of the traceback, where sys.exit was called."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "Code"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"Code in '{tb.tb_frame.f_code.co_filename}' line {tb.tb_lineno}"
 
 
 def debug_enabled() -> bool:
@@ -31,12 +42,18 @@ def handle_errors(command):
                 traceback.print_exc()
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
+        except SystemExit as exc:  # sys.exit() in code dpruner ran (a model's forward, a loader): never silent
+            if debug_enabled():
+                traceback.print_exc()
+            print(f"error: {_exit_origin(exc)} called sys.exit({exc.code!r}) while dpruner was running; dpruner "
+                  "stopped there.", file=sys.stderr)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:  # a bug: still one line by default, the traceback on request
             if debug_enabled():
                 traceback.print_exc()
             print(
-                f"internal error: {type(exc).__name__}: {exc} (a bug in dpruner; rerun with DPRUNER_DEBUG=1 for the "
-                "traceback and report it)",
+                f"internal error: {describe(exc)} (a bug in dpruner, not in your input; rerun with DPRUNER_DEBUG=1 "
+                "for the traceback and report it).",
                 file=sys.stderr,
             )
             raise typer.Exit(EXIT_INTERNAL) from None

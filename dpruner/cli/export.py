@@ -54,18 +54,32 @@ def export(
     from dpruner.report.compare import build_report
     from dpruner.report.latency import default_threads
 
-    from dpruner.cli.report import load_side, parse_batches, write_markdown
+    from dpruner.cli.report import check_batches, check_threads, load_side, parse_batches, write_markdown
 
     from dpruner.io.atomic import check_not_input
 
+    from dpruner import validate
+    from dpruner.io.atomic import check_output_path
+    from dpruner.export.onnx import check_export_options
+
+    # Every input is read and checked before anything is written: a bad --baseline or --data leaves no file behind.
     inputs = [model, baseline]
+    check_output_path(onnx, "--onnx")
     check_not_input(onnx, inputs)
     if markdown is not None:
+        check_output_path(markdown, "--markdown")
         check_not_input(markdown, [*inputs, onnx])
-    n_threads = threads or default_threads()
+    validate.number(atol, "--atol", low=0)
+    check_export_options(opset=opset, exporter=exporter)
+    n_threads = check_threads(threads) or default_threads()
     sizes = parse_batches(batches)
     after_loaded, shape = load_side(model, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
                                     input_shape=input_shape)
+    check_batches(sizes, shape)
+    base_loaded = None
+    if baseline is not None:
+        base_loaded, _ = load_side(baseline, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
+                                   input_shape=input_shape, shape=shape)
     bundle = None
     if data is not None:
         from dpruner.train.distributed import DistContext
@@ -85,9 +99,7 @@ def export(
     if written:
         after.onnx_bytes = onnx.stat().st_size
     before = None
-    if baseline is not None:
-        base_loaded, _ = load_side(baseline, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
-                                   input_shape=input_shape, shape=shape)
+    if base_loaded is not None:
         before = facts_for(base_loaded.model, shape, baseline, bundle, sizes, n_threads, latency, memory=memory,
                            export=settings)
     doc = build_report(after, before, threads=n_threads, onnx={**result.info.to_json(), "written": written},
@@ -106,6 +118,6 @@ def export(
         out.print(f"[dim]{footer(doc)}[/dim]")
     if not result.verification.passed:
         print_error(
-            f"ONNX Runtime's outputs differ from PyTorch's by {result.verification.max_abs_diff:.3g} "
-            f"(> --atol {atol:g}); " + (f"'{onnx}' was kept (--keep-on-failure)." if written else "no file was written."))
+            f"verification failed: {result.verification.failure()}; "
+            + (f"'{onnx}' was kept (--keep-on-failure)." if written else "no file was written."))
         raise typer.Exit(EXIT_VERIFICATION_FAILED)

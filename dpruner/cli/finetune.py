@@ -54,15 +54,17 @@ def finetune(
     from dpruner.io import load_checkpoint, save_checkpoint
     from dpruner.io.atomic import check_not_input
     from dpruner.io.shapes import parse_input_shape
-    from dpruner.train.api import evaluate_splits, finetune as run_finetune, state_path_for
+    from dpruner.io.atomic import check_output_path
+    from dpruner.train.api import evaluate_splits, finetune as run_finetune, remove_state, state_path_for
     from dpruner.train.distributed import setup
 
+    check_output_path(output)
     check_not_input(output, [model, teacher])
     check_not_input(state_path_for(output), [model, teacher])  # the training state lives beside the output
-    if epochs <= 0:
-        raise InputError(f"--epochs must be positive, got {epochs:g}.")
     if distill and teacher is None:
         raise InputError("--distill needs --teacher (the unpruned model to learn from).")
+    config = t.train_config(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                            warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet)
     ctx, dev = setup(device)
     torch.manual_seed(seed)
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
@@ -76,12 +78,10 @@ def finetune(
     if teacher is not None and distill is not False:
         teacher_model = load_checkpoint(teacher, arch=arch or loaded.arch, num_classes=loaded.num_classes,
                                         trust_checkpoint=trust_checkpoint).model.to(dev).eval()
-    config = t.train_config(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
-                            warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet)
     before = evaluate_splits(net, bundle, dev, ctx=ctx)
     state = state_path_for(output)
     result = run_finetune(net, bundle, config, device=dev, ctx=ctx, teacher=teacher_model, state_path=state,
-                          resume=resume)
+                          resume=resume, keep_state=True)
     after = evaluate_splits(net, bundle, dev, ctx=ctx)
     if not ctx.is_main:
         return
@@ -93,6 +93,7 @@ def finetune(
                                         "test_accuracy": after["test"].accuracy if "test" in after else None}}
     save_checkpoint(output, net.cpu().eval(), inputs=[model], arch=loaded.arch, num_classes=loaded.num_classes,
                     input_shape=shape, plan=loaded.plan, meta=meta)
+    remove_state(state, ctx)  # only now: an interrupt before this line resumes instead of losing the run
     document = {"schema": SCHEMA_VERSION, "input": str(model), "output": str(output), "data": bundle.name,
                 "device": str(dev), "world_size": ctx.world_size, "distill": teacher_model is not None,
                 "resumed_from_step": result.resumed_from_step, "train": result.fit.to_json(),

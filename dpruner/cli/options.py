@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-ModelArg = Annotated[Path, typer.Argument(help="Checkpoint file: a state_dict (with --arch), a dpruner checkpoint, or a pickled model (with --trust-checkpoint).", show_default=False)]
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint file: a state_dict (with --arch), a dpruner checkpoint, or a pickled model (with --trust-checkpoint).", show_default=False)]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture of a state_dict: torchvision:NAME, path/to/file.py:factory or package.module:factory.")]
 NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Passed to the architecture builder as num_classes.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow full unpickling of the file. Unpickling can run arbitrary code: use only for files from a source you trust.")]

@@ -67,60 +67,68 @@ def prune(
     from dpruner.errors import ArchError, EXIT_TARGET_NOT_MET, InputError
     from dpruner.io import load_checkpoint, save_checkpoint
     from dpruner.io.arch import resolve_class
-    from dpruner.io.atomic import check_not_input
+    from dpruner.io.atomic import check_not_input, check_output_path
     from dpruner.io.shapes import resolve_input_shape
     from dpruner.methods.api import parse_ratio, prune as run_prune
     from dpruner.train.api import state_path_for
 
+    check_output_path(output)
     check_not_input(output, [model])
     check_not_input(state_path_for(output), [model])  # a tolerance run's state lives beside the output
     if tolerance is not None and (ratio is not None or sparsity is not None):
         raise InputError("Give one of --ratio, --sparsity and --tolerance.")
     if tolerance is not None and data is None:
         raise InputError("--tolerance needs --data: accuracy is measured on its validation split.")
-    if data is not None and budget_epochs <= 0:
-        raise InputError(f"--budget-epochs must be positive, got {budget_epochs:g}.")
     if resume and tolerance is None:
         raise InputError("--resume applies to --tolerance runs; a one-shot prune has nothing to resume.")
+    # every option is checked before the model is loaded, so a typo costs nothing and nothing is written
     err = stderr_console()
     method = method or ("l1" if tolerance is not None else "l2")
-    loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
-    if loaded.arch is None:
-        raise ArchError(
-            f"'{model}' holds a whole pickled model; dpruner's checkpoint names the architecture, so pass --arch "
-            "with a factory that builds it."
-        )
-    shape, origin = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch)
-    if origin == "torchvision default" and data is None:
-        err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} (torchvision default; set --input-shape)[/dim]")
-    leaves = tuple(resolve_class(item) for item in leaf or ())
-    torch.manual_seed(seed)
+    ratio_value = parse_ratio(ratio) if ratio is not None else None
+    controller = one_shot = train = None
     if data is not None:
+        from dpruner import validate
         from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance
-        from dpruner.train.distributed import setup
 
-        ctx, dev = setup(device)
-        bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                               val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
+        validate.epochs(budget_epochs, "--budget-epochs")
         train = t.train_config(epochs=budget_epochs, lr=lr, weight_decay=weight_decay,
                                label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, device=device, seed=seed,
                                quiet=quiet)
-        controller = one_shot = None
         if tolerance is not None:
             controller = ToleranceConfig(tolerance=parse_tolerance(tolerance), budget_epochs=budget_epochs,
                                          step_epochs=step_epochs, max_ratio=parse_ratio(max_ratio) if max_ratio else None,
                                          penalty=penalty, method=method, max_fraction=max_fraction, round_to=round_to,
                                          exclude=tuple(exclude or ()))
         else:
-            one_shot = dict(ratio=parse_ratio(ratio) if ratio is not None else None, sparsity=sparsity, target=target,
-                            method=method, allocation=allocation, exclude=tuple(exclude or ()), round_to=round_to,
-                            max_fraction=max_fraction, seed=seed)
+            one_shot = dict(ratio=ratio_value, sparsity=sparsity, target=target, method=method, allocation=allocation,
+                            exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed)
+    loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
+    from dpruner.validate import finite_weights
+
+    finite_weights(loaded.model, f"'{model}'")
+    if loaded.arch is None:
+        raise ArchError(
+            f"'{model}' holds a whole pickled model; dpruner's checkpoint names the architecture, so pass --arch "
+            "with a factory that builds it."
+        )
+    shape, origin = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch,
+                                        source=str(model))
+    if origin == "torchvision default" and data is None:
+        err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} (torchvision default; set --input-shape)[/dim]")
+    leaves = tuple(resolve_class(item) for item in leaf or ())
+    torch.manual_seed(seed)
+    if data is not None:
+        from dpruner.train.distributed import setup
+
+        ctx, dev = setup(device)
+        bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
+                               val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
         log = (lambda message: err.print(f"[dim]{message}[/dim]", soft_wrap=True)) if ctx.is_main and not quiet else (lambda m: None)
         return _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, controller=controller,
                                 one_shot=one_shot, distill=distill, method=method, json_output=json_output, log=log,
                                 resume=resume)
     result = run_prune(
-        loaded.model, torch.randn(*shape), ratio=parse_ratio(ratio) if ratio is not None else None,
+        loaded.model, torch.randn(*shape), ratio=ratio_value,
         sparsity=sparsity, target=target, method=method, allocation=allocation, exclude=tuple(exclude or ()),
         round_to=round_to, max_fraction=max_fraction, seed=seed, leaf_modules=leaves,
     )
@@ -183,8 +191,6 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
         result = prune_to_tolerance(original, example, bundle, controller, train, device=dev, ctx=ctx,
                                     distill=distill, leaf_modules=leaves, log=log, on_checkpoint=save_state,
                                     resume=state)
-        if ctx.is_main:
-            state_path.unlink(missing_ok=True)
         pruned, plans, met = result.model, result.plans, result.met
         history, used = to_json_history(result.history), result.epochs_used
         requested = {"tolerance": controller.tolerance, "max_ratio": controller.max_ratio}
@@ -223,6 +229,10 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
                         input_shape=shape, plan=[*(loaded.plan or []), *plans], meta=meta)
     else:
         document["output"] = None
+    if controller is not None:
+        from dpruner.train.api import remove_state, state_path_for
+
+        remove_state(state_path_for(output), ctx)  # only now: an interrupt before this line resumes the run
     if json_output:
         emit_json(document)
     else:

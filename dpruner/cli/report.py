@@ -20,11 +20,33 @@ def parse_batches(text: str) -> tuple[int, ...]:
 
     try:
         sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InputError(f"--batches must be comma-separated integers such as 1,8, got '{text}'.") from None
     if not sizes or min(sizes) < 1:
         raise InputError(f"--batches must be comma-separated positive integers such as 1,8, got '{text}'.")
     return sizes
+
+
+MAX_BATCH = 4096  # timing a larger batch says nothing a smaller one does not, and risks exhausting memory
+MAX_THREADS = 1024
+
+
+def check_batches(sizes: tuple[int, ...], shape) -> None:
+    """Every timed batch must be at most MAX_BATCH and its input within the example-input size limit."""
+    from dpruner.errors import InputError
+    from dpruner.io.shapes import check_input_elements
+
+    if max(sizes) > MAX_BATCH:
+        raise InputError(f"--batches sizes must be at most {MAX_BATCH}, got {max(sizes)}.")
+    check_input_elements((max(sizes), *shape[1:]), "--batches")
+
+
+def check_threads(threads: int | None) -> int | None:
+    from dpruner.errors import InputError
+
+    if threads is not None and threads > MAX_THREADS:
+        raise InputError(f"--threads must be at most {MAX_THREADS}, got {threads}.")
+    return threads
 
 
 def load_side(path: Path, *, arch, num_classes, trust, input_shape, shape=None):
@@ -32,9 +54,14 @@ def load_side(path: Path, *, arch, num_classes, trust, input_shape, shape=None):
     from dpruner.io import load_checkpoint
     from dpruner.io.shapes import resolve_input_shape
 
+    import torch
+
+    from dpruner.metrics.macs import run_forward
+
     loaded = load_checkpoint(path, arch=arch, num_classes=num_classes, trust_checkpoint=trust)
     if shape is None:
-        shape, _ = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch)
+        shape, _ = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch, source=str(path))
+    run_forward(loaded.model.eval(), torch.randn(*shape))  # the model must run: say so now, not mid-export
     return loaded, tuple(shape)
 
 
@@ -59,8 +86,8 @@ def write_markdown(path: Path, doc: dict, title: str, inputs) -> None:
 
 @handle_errors
 def report(
-    before: Annotated[Path, typer.Argument(help="The original model.", show_default=False)],
-    after: Annotated[Path, typer.Argument(help="The model to compare with it (e.g. the pruned one).", show_default=False)],
+    before: Annotated[Path, typer.Argument(metavar="BEFORE", help="The original model.", show_default=False)],
+    after: Annotated[Path, typer.Argument(metavar="AFTER", help="The model to compare with it (e.g. the pruned one).", show_default=False)],
     data: t.DataOpt = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the report as a Markdown table.")] = None,
     batches: Annotated[str, typer.Option("--batches", help="Batch sizes timed, comma-separated.")] = "1,8",
@@ -85,12 +112,16 @@ def report(
 
     from dpruner.io.atomic import check_not_input
 
+    from dpruner.io.atomic import check_output_path
+
     if markdown is not None:
+        check_output_path(markdown, "--markdown")
         check_not_input(markdown, [before, after])
-    n_threads = threads or default_threads()
+    n_threads = check_threads(threads) or default_threads()
     sizes = parse_batches(batches)
     after_loaded, shape = load_side(after, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
                                     input_shape=input_shape)
+    check_batches(sizes, shape)
     before_loaded, _ = load_side(before, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
                                  input_shape=input_shape, shape=shape)
     bundle = None

@@ -14,7 +14,7 @@ ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Share of 
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size per process.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data-loading worker processes.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda when available).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for splits, shuffling, augmentation and initialisation: the same seed gives the same result on CPU.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for splits, shuffling, augmentation and initialisation: the same seed gives the same result on CPU.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (they are also off when stderr is not a terminal).")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="cifar10:/cifar100: only: download the data set into ROOT if it is missing.")]
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (SGD, Nesterov momentum 0.9, cosine schedule).")]
@@ -45,13 +45,9 @@ def releases_process_group(command):
 
 def train_config(*, epochs: float, lr: float, weight_decay: float, label_smoothing: float, warmup_epochs: float,
                  device: str, seed: int, quiet: bool):
-    """TrainConfig from the shared options, after checking their ranges."""
-    from dpruner.errors import InputError
+    """TrainConfig from the shared options (it checks their ranges)."""
     from dpruner.train.config import TrainConfig
 
-    if lr <= 0 or weight_decay < 0 or not 0 <= label_smoothing < 1 or warmup_epochs < 0:
-        raise InputError("--lr must be positive, --weight-decay and --warmup-epochs non-negative, and "
-                         "--label-smoothing in [0, 1).")
     return TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
                        warmup_epochs=warmup_epochs, device=device, seed=seed, quiet=quiet)
 

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
 
 from dpruner.data.spec import DataError, DataSpec, parse_data_spec
-from dpruner.errors import DprunerError
+
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -419,12 +419,26 @@ def _image_folder(path: Path):
     from torchvision.datasets import ImageFolder
 
     try:
-        dataset = ImageFolder(str(path), allow_empty=True)  # an empty class folder is fine; no images at all is not
+        # an empty class folder is fine; no images at all is not
+        dataset = ImageFolder(str(path), loader=read_rgb_image, allow_empty=True)
     except FileNotFoundError as exc:  # no class sub-folders
         raise DataError(f"Image folder '{path}' has no class folders; expected {path}/<class>/<image>.") from exc
     if len(dataset) == 0:
         raise DataError(f"Image folder '{path}' contains no images (looked in {len(dataset.classes)} class folders).")
     return dataset
+
+
+def read_rgb_image(path: str):
+    """torchvision's PIL loader, with a damaged file (truncated, not an image) named in one DataError sentence."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as fh:
+            image = Image.open(fh)
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"Image '{path}' cannot be read ({reason}); replace or remove it.") from None
 
 
 def _image_hw(path: str) -> tuple[int, int]:
@@ -454,12 +468,10 @@ def _load_python(spec: DataSpec, opts: _Options) -> DataBundle:
     function = _python_function(spec)
     offered = {"batch_size": opts.batch_size, "workers": opts.workers, "seed": opts.seed, "rank": opts.rank,
                "world_size": opts.world_size, "val_fraction": opts.val_fraction}
-    try:
+    from dpruner.usercode import user_code
+
+    with user_code(f"Calling '{spec.function}' in '{spec.file}'", DataError):  # exceptions and sys.exit alike
         result = function(**_accepted_kwargs(function, offered))
-    except DprunerError:
-        raise
-    except Exception as exc:  # the user's code: report it as their error, not dpruner's bug
-        raise DataError(f"Calling '{spec.function}' in '{spec.file}' failed: {type(exc).__name__}: {exc}") from exc
     train, val, test, num_classes = _unpack(result, str(spec))
     how = ""
     if num_classes is None:
@@ -528,8 +540,10 @@ def _describe(value: Any) -> str:
 
 def _infer_num_classes(val: DataLoader, where: str) -> int:
     """max label + 1 over one pass of the val loader (its batches must be (inputs, labels) pairs)."""
+    from dpruner.usercode import user_code
+
     highest, lowest, seen = None, None, 0
-    for batch in val:
+    for batch in _guarded(val, f"Reading the val loader of '{where}'"):
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise DataError(f"Batches of the val loader of '{where}' must be (inputs, labels) pairs, not "
                             f"{_describe(batch)}.")
@@ -545,6 +559,21 @@ def _infer_num_classes(val: DataLoader, where: str) -> int:
     if lowest < 0:
         raise DataError(f"Labels of the val loader of '{where}' go down to {lowest}; labels must be >= 0.")
     return highest + 1
+
+
+def _guarded(loader, what: str):
+    """Iterate a user's loader with its exceptions and sys.exit() turned into one DataError naming `what`."""
+    from dpruner.usercode import user_code
+
+    with user_code(what, DataError):
+        iterator = iter(loader)
+    while True:
+        with user_code(what, DataError):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
 
 
 def _known_labels(dataset: Dataset) -> torch.Tensor | None:

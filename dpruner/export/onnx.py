@@ -40,12 +40,28 @@ class ExportInfo:
                 "file_bytes": self.file_bytes, "simplified": self.simplified, "simplifier": self.simplifier}
 
 
+
+
+def check_export_options(*, opset: int, exporter: str) -> None:
+    """Refuse an unknown exporter or an opset outside what the exporters write, before any work."""
+    if exporter not in EXPORTERS:
+        raise UnsupportedError(f"Unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}.")
+    try:  # torch's own bounds (a private module: fall back to those of torch 2.6-2.14)
+        from torch.onnx import _constants as known
+
+        low = known.ONNX_MIN_OPSET
+        high = known.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET if exporter == "torchscript" else known.ONNX_MAX_OPSET
+    except (ImportError, AttributeError):
+        low, high = 7, 20
+    if not low <= opset <= high:
+        raise UnsupportedError(f"--opset must be from {low} to {high} with the {exporter} exporter, got {opset}.")
+
+
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | os.PathLike, *,
                 opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, exporter: str = "torchscript") -> ExportInfo:
     """Export `model` (eval mode) for inputs of `input_shape` (N,C,H,W; N is dynamic unless dynamic_batch=False).
     Writes `path` directly: callers pass a temporary path and rename it once the file is verified."""
-    if exporter not in EXPORTERS:
-        raise UnsupportedError(f"Unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}.")
+    check_export_options(opset=opset, exporter=exporter)
     model = model.eval()
     example = torch.randn(*input_shape)
     kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset)

@@ -15,9 +15,11 @@ DEFAULT_ATOL = 1e-4  # float32 graphs: differences above this point at a wrong e
 
 @dataclass
 class Verification:
-    """max_abs_diff: max |onnx - torch| over all outputs; max_rel_diff: that difference divided by the largest
-    |torch| output of the same batch (relative to the logits' scale: elementwise ratios explode near zero);
-    top1_agreement: share of samples whose arg-max class agrees."""
+    """max_abs_diff: max |onnx - torch| over all outputs, where both are finite; max_rel_diff: that difference
+    divided by the largest finite |torch| output of the same batch (relative to the logits' scale: elementwise ratios
+    explode near zero); top1_agreement: share of samples whose arg-max class agrees. Non-finite values (NaN, inf)
+    pass only when both runtimes produce exactly the same ones at the same places: `nonfinite` says which side had
+    them and `nonfinite_agree` whether they matched."""
 
     atol: float
     max_abs_diff: float = 0.0
@@ -27,15 +29,62 @@ class Verification:
     batch_sizes: list[int] = field(default_factory=list)
     real_data: bool = False
     provider: str = "CPUExecutionProvider"
+    nonfinite: dict = field(default_factory=lambda: {"torch": 0, "onnxruntime": 0})  # counts per side
+    nonfinite_agree: bool = True
+    mismatch: str | None = None  # outputs of different number or shape
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.atol
+        return self.max_abs_diff <= self.atol and self.nonfinite_agree and self.mismatch is None
+
+    def failure(self) -> str | None:
+        """Why verification failed, as a sentence fragment; None when it passed."""
+        if self.mismatch is not None:
+            return self.mismatch
+        if not self.nonfinite_agree:
+            n_torch, n_ort = self.nonfinite["torch"], self.nonfinite["onnxruntime"]
+            if n_torch and n_ort:
+                return (f"both runtimes produce non-finite outputs (NaN/inf: PyTorch {n_torch}, ONNX Runtime {n_ort}) "
+                        "but not the same ones")
+            side = "PyTorch" if n_torch else "ONNX Runtime"
+            return (f"{side} produces {n_torch or n_ort} non-finite outputs (NaN/inf) where the other runtime does "
+                    "not (a NaN/inf weight or an overflow?)")
+        if self.max_abs_diff > self.atol:
+            return f"ONNX Runtime's outputs differ from PyTorch's by {self.max_abs_diff:.3g} (> --atol {self.atol:g})"
+        return None
 
     def to_json(self) -> dict:
         return {"passed": self.passed, "atol": self.atol, "max_abs_diff": self.max_abs_diff,
                 "max_rel_diff": self.max_rel_diff, "top1_agreement": self.top1_agreement, "samples": self.samples,
-                "batch_sizes": self.batch_sizes, "real_data": self.real_data, "provider": self.provider}
+                "batch_sizes": self.batch_sizes, "real_data": self.real_data, "provider": self.provider,
+                "nonfinite": dict(self.nonfinite), "nonfinite_agree": self.nonfinite_agree,
+                "mismatch": self.mismatch, "failure": self.failure()}
+
+
+def flatten_outputs(value) -> list:
+    """A model's outputs as a flat list of tensors/arrays in the order ONNX export writes them (dicts by value)."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in flatten_outputs(v)]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in flatten_outputs(v)]
+    return [value]
+
+
+def compare_outputs(expected: np.ndarray, got: np.ndarray, result: Verification) -> None:
+    """Fold one output pair into `result`: differences over the places where both are finite, and the non-finite
+    places, which must coincide exactly (NaN with NaN, +inf with +inf) for verification to pass."""
+    bad_e, bad_g = ~np.isfinite(expected), ~np.isfinite(got)
+    result.nonfinite["torch"] += int(bad_e.sum())
+    result.nonfinite["onnxruntime"] += int(bad_g.sum())
+    if bad_e.any() or bad_g.any():
+        same = np.array_equal(bad_e, bad_g) and np.array_equal(expected[bad_e], got[bad_g], equal_nan=True)
+        result.nonfinite_agree = result.nonfinite_agree and bool(same)
+    finite = ~(bad_e | bad_g)
+    if finite.any():
+        diff = float(np.max(np.abs(got[finite].astype(np.float64) - expected[finite])))
+        scale = float(np.max(np.abs(expected[finite])))
+        result.max_abs_diff = max(result.max_abs_diff, diff)
+        result.max_rel_diff = max(result.max_rel_diff, diff / max(scale, 1e-12))
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
@@ -76,13 +125,19 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     model = model.eval()
     with torch.no_grad():
         for x in batches:
-            expected = model(x).float().numpy()
-            got = session.run(None, {name: x.numpy().astype(np.float32)})[0]
-            diff = float(np.max(np.abs(got - expected))) if expected.size else 0.0
-            scale = float(np.max(np.abs(expected))) if expected.size else 1.0
-            result.max_abs_diff = max(result.max_abs_diff, diff)
-            result.max_rel_diff = max(result.max_rel_diff, diff / max(scale, 1e-12))
-            agree += int((got.argmax(1) == expected.argmax(1)).sum())
+            outputs = [o.float().numpy() for o in flatten_outputs(model(x)) if isinstance(o, torch.Tensor)]
+            got_all = session.run(None, {name: x.numpy().astype(np.float32)})
+            if len(outputs) != len(got_all):
+                result.mismatch = f"PyTorch returns {len(outputs)} outputs and ONNX Runtime {len(got_all)}"
+            for i, (expected, got) in enumerate(zip(outputs, got_all)):
+                if expected.shape != got.shape:
+                    result.mismatch = (f"output {i} has shape {list(expected.shape)} in PyTorch and {list(got.shape)} "
+                                       "in ONNX Runtime")
+                    continue
+                compare_outputs(expected, got, result)
+            expected, got = outputs[0], got_all[0]
+            if expected.ndim >= 2 and expected.shape == got.shape and expected.size:
+                agree += int((np.nan_to_num(got).argmax(1) == np.nan_to_num(expected).argmax(1)).sum())
             result.samples += x.shape[0]
     result.top1_agreement = agree / max(result.samples, 1)
     return result

@@ -2,7 +2,8 @@
 
 Three forms, all ending in a callable that returns an ``nn.Module``:
 ``torchvision:NAME`` (a torchvision builder, never with downloaded weights), ``path/to/file.py:factory`` and
-``package.module:factory``. ``--num-classes N`` is passed to the builder as ``num_classes=N``.
+``package.module:factory``. ``--num-classes N`` is passed to the builder as ``num_classes=N``. Every build runs
+under no_network: nothing dpruner builds may download weights or reach the network.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from dpruner.errors import ArchError
-
-# Modules whose factories dpruner may resolve from a name stored inside a checkpoint without asking: importing
-# them runs only code that is already installed and trusted. Anything else named by a file needs the user's word.
-_TRUSTED_MODULE_PREFIXES = ("dpruner.", "torchvision.")
+from dpruner.io.network import no_network
+from dpruner.usercode import describe, user_code
 
 EXAMPLES = "torchvision:resnet18, path/to/model.py:build, or my_package.models:build"
 
@@ -35,10 +34,18 @@ class ArchSpec:
 
     @property
     def trusted(self) -> bool:
-        """True when resolving this spec runs no code that was not already installed (safe to take from a file)."""
+        """True for the documented builders only (torchvision:NAME, built without weights, and dpruner.zoo:NAME for
+        a public zoo builder): safe to take from a file. Anything else a file names needs the user's word."""
         if self.kind == "torchvision":
             return True
-        return self.kind == "module" and (self.target + ".").startswith(_TRUSTED_MODULE_PREFIXES)
+        return self.kind == "module" and self.target == "dpruner.zoo" and self.factory in zoo_builders()
+
+
+def zoo_builders() -> frozenset[str]:
+    """Names of dpruner.zoo's public builders (its __all__)."""
+    import dpruner.zoo
+
+    return frozenset(getattr(dpruner.zoo, "__all__", ()))
 
 
 def parse_arch(text: str) -> ArchSpec:
@@ -63,11 +70,12 @@ def build_model(spec: str | ArchSpec, *, num_classes: int | None = None) -> "tor
     import torch
 
     spec = parse_arch(spec) if isinstance(spec, str) else spec
-    if spec.kind == "torchvision":
-        model = _build_torchvision(spec.factory, num_classes)
-    else:
-        factory = _load_factory(spec)
-        model = _call_factory(factory, spec, num_classes)
+    with no_network(f"Building '{spec.text}'", hint=_offline_hint(spec)):
+        if spec.kind == "torchvision":
+            model = _build_torchvision(spec.factory, num_classes)
+        else:
+            factory = _load_factory(spec)
+            model = _call_factory(factory, spec, num_classes)
     if not isinstance(model, torch.nn.Module):
         raise ArchError(f"'{spec.text}' returned a {type(model).__name__}, not a torch.nn.Module.")
     return model
@@ -87,11 +95,7 @@ def _build_torchvision(name: str, num_classes: int | None):
         hint = f" Did you mean {', '.join(close)}?" if close else " `python -c 'import torchvision; print(torchvision.models.list_models())'` lists them."
         raise ArchError(f"torchvision has no model named '{name}'.{hint}")
     builder = tvm.get_model_builder(name)
-    params = inspect.signature(builder).parameters
-    kwargs: dict = {"weights": None}
-    # Detection/segmentation builders default to downloading an ImageNet backbone; dpruner never downloads.
-    if "weights_backbone" in params:
-        kwargs["weights_backbone"] = None
+    kwargs: dict = {"weights": None, **_no_weights_kwargs(builder)}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     with warnings.catch_warnings():
@@ -102,6 +106,36 @@ def _build_torchvision(name: str, num_classes: int | None):
             return builder(**kwargs)
         except (TypeError, ValueError) as exc:
             raise ArchError(f"torchvision:{name} could not be built with {kwargs}: {exc}") from exc
+        except Exception as exc:  # e.g. out of memory for a huge num_classes
+            raise ArchError(f"Building torchvision:{name} failed: {describe(exc)}") from exc
+
+
+def _no_weights_kwargs(builder) -> dict:
+    """None (or False for a flag) for every weights/pretrained parameter of a builder: detection and segmentation
+    builders default to an ImageNet backbone (weights_backbone), which dpruner never downloads."""
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: (False if isinstance(p.default, bool) else None)
+        for p in params
+        if ("weights" in p.name or p.name.startswith("pretrained")) and p.name != "init_weights"
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _offline_hint(spec: ArchSpec) -> str:
+    """What to do instead when building `spec` tried to download weights."""
+    if spec.target.split(".")[0] == "torchvision" and spec.kind == "module":
+        try:
+            import torchvision.models as tvm
+
+            if spec.factory in tvm.list_models():
+                return f"use --arch torchvision:{spec.factory}, which builds it without any weights"
+        except Exception:  # a broken torchvision: fall back to the general advice
+            pass
+    return "make the factory build the model without pretrained weights (the checkpoint supplies them)"
 
 
 def _load_factory(spec: ArchSpec) -> Callable:
@@ -113,11 +147,13 @@ def _load_factory(spec: ArchSpec) -> Callable:
 
         module = import_by_path(path, "dpruner_user_arch", ArchError, "Architecture file")
     else:
-        try:
-            module = importlib.import_module(spec.target)
-        except ImportError as exc:
-            raise ArchError(f"Python module '{spec.target}' cannot be imported: {exc}") from exc
-    factory = getattr(module, spec.factory, None)
+        with user_code(f"Importing '{spec.target}'", error=ArchError):
+            try:
+                module = importlib.import_module(spec.target)
+            except ImportError as exc:
+                raise ArchError(f"Python module '{spec.target}' cannot be imported: {describe(exc)}") from exc
+    with user_code(f"Looking up '{spec.factory}' in '{spec.target}'", error=ArchError):
+        factory = getattr(module, spec.factory, None)
     if factory is None or not callable(factory):
         raise ArchError(f"'{spec.target}' has no callable named '{spec.factory}'.")
     return factory
@@ -133,10 +169,8 @@ def _call_factory(factory: Callable, spec: ArchSpec, num_classes: int | None):
         if not accepts:
             raise ArchError(f"'{spec.text}' takes no num_classes argument, so --num-classes cannot be used with it.")
         kwargs["num_classes"] = num_classes
-    try:
+    with user_code(f"Calling '{spec.text}'", error=ArchError):
         return factory(**kwargs)
-    except Exception as exc:
-        raise ArchError(f"Calling '{spec.text}' failed: {type(exc).__name__}: {exc}") from exc
 
 
 def resolve_class(text: str) -> type:

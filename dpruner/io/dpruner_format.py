@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from dpruner.errors import CheckpointError
+from dpruner.errors import CheckpointError, ShapeError
 from dpruner.io.arch import parse_arch
+from dpruner.io.limits import Limits
+from dpruner.usercode import describe
 
 FORMAT_KEY = "dpruner_checkpoint"
 FORMAT_VERSION = 1
@@ -71,20 +73,21 @@ def save_checkpoint(path, model, *, inputs=(), **kwargs) -> Path:
 
 
 def load_dpruner_checkpoint(
-    obj: Mapping, path: str, *, arch: str | None, num_classes: int | None, trust_checkpoint: bool
+    obj: Mapping,
+    path: str,
+    *,
+    arch: str | None,
+    num_classes: int | None,
+    trust_checkpoint: bool,
+    limits: Limits | None = None,
 ) -> LoadedModel:
-    """Rebuild the model a dpruner checkpoint describes."""
+    """Rebuild the model a dpruner checkpoint describes, after checking every field (a tampered or damaged file
+    fails with one CheckpointError sentence, never an exception from deep inside surgery)."""
     from dpruner.io.checkpoint import fit_state_dict
 
-    version = obj.get(FORMAT_KEY)
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"'{path}' is a dpruner checkpoint of format version {version}; this dpruner reads version "
-            f"{FORMAT_VERSION} (upgrade dpruner to read it)."
-        )
-    stored_arch = obj.get("arch")
-    spec_text = arch or stored_arch
-    if not isinstance(spec_text, str):
+    fields = _validated(obj, path, limits)
+    spec_text = arch or fields["arch"]
+    if spec_text is None:
         raise CheckpointError(f"'{path}' is a dpruner checkpoint without an architecture; pass --arch.")
     spec = parse_arch(spec_text)
     # The arch named inside a file is data from that file: resolving a .py path or a foreign module from it
@@ -94,29 +97,110 @@ def load_dpruner_checkpoint(
             f"'{path}' names its architecture as '{spec_text}', which would import and run that code; "
             f"confirm with --arch {spec_text} or pass --trust-checkpoint."
         )
-    n_classes = num_classes if num_classes is not None else obj.get("num_classes")
+    n_classes = num_classes if num_classes is not None else fields["num_classes"]
     from dpruner.io.arch import build_model
 
     model = build_model(spec, num_classes=n_classes)
-    plans = obj.get("plan") or []
-    if isinstance(plans, dict):
-        plans = [plans]
+    plans = fields["plan"]
     if plans:
-        from dpruner.surgery.plan import apply_plan
+        from dpruner.surgery.plan import PlanError, apply_plan
 
-        for plan in plans:  # a model pruned several times replays its plans in order
-            apply_plan(model, plan)
-    state_dict = obj.get("state_dict")
-    if not isinstance(state_dict, Mapping):
-        raise CheckpointError(f"'{path}' is a dpruner checkpoint without a state_dict.")
-    fit_state_dict(model, state_dict, path=path, arch=spec_text, num_classes=n_classes)
-    shape = obj.get("input_shape")
+        for i, plan in enumerate(plans):  # a model pruned several times replays its plans in order
+            try:
+                apply_plan(model, plan)
+            except Exception as exc:
+                which = f"plan {i + 1} of {len(plans)}: " if len(plans) > 1 else ""
+                detail = str(exc) if isinstance(exc, PlanError) else describe(exc)
+                if arch is not None and arch != fields["arch"]:  # the user's --arch overrides the stored one
+                    raise CheckpointError(
+                        f"'{path}' holds a pruning plan for {fields['arch']}, which does not fit --arch {arch} "
+                        f"({which}{detail}); drop --arch to use the stored architecture.") from None
+                raise CheckpointError(
+                    f"'{path}' holds a pruning plan that does not fit its architecture ({which}{detail}); the file "
+                    "was changed or damaged."
+                ) from exc
+    fit_state_dict(model, fields["state_dict"], path=path, arch=spec_text, num_classes=n_classes)
     return LoadedModel(
         model=model.eval(),
         source_format="dpruner",
         arch=spec_text,
         num_classes=n_classes,
-        input_shape=tuple(shape) if shape else None,
+        input_shape=fields["input_shape"],
         plan=plans,
-        meta=dict(obj.get("meta") or {}),
+        meta=fields["meta"],
     )
+
+
+MAX_ARCH_CHARS = 1000
+
+
+def _validated(obj: Mapping, path: str, limits: Limits | None) -> dict:
+    """Every field of a dpruner checkpoint, type-checked and normalised (plan -> list, meta -> dict)."""
+    import torch
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"'{path}' {what}; the file was changed or damaged.")
+
+    version = obj.get(FORMAT_KEY)
+    if type(version) is not int:
+        raise damaged(f"is marked as a dpruner checkpoint, but its format version is {_shown(version)}, not a number")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{path}' is a dpruner checkpoint of format version {version}; this dpruner reads version "
+            f"{FORMAT_VERSION} (upgrade dpruner to read it)."
+        )
+    stored_arch = obj.get("arch")
+    if stored_arch is not None and (not isinstance(stored_arch, str) or len(stored_arch) > MAX_ARCH_CHARS):
+        raise damaged(f"stores its architecture as {_shown(stored_arch)}, which is not an architecture spec")
+
+    state_dict = obj.get("state_dict")
+    if not isinstance(state_dict, Mapping):
+        raise damaged("is a dpruner checkpoint without a state_dict")
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise damaged(f"has a state_dict entry {_shown(key)} holding a {type(value).__name__}, not a tensor")
+
+    num_classes = obj.get("num_classes")
+    if num_classes is not None:
+        if type(num_classes) is not int or num_classes <= 0:
+            raise damaged(f"stores num_classes as {_shown(num_classes)}, not a positive integer")
+        weights = sum(v.numel() for v in state_dict.values())
+        if num_classes > weights:  # a classifier holds at least one weight per class; this stops a huge allocation
+            raise damaged(f"stores num_classes {num_classes}, more than the {weights} weights it holds")
+
+    shape = obj.get("input_shape")
+    if isinstance(shape, (list, tuple)) and not shape:
+        shape = None
+    if shape is not None:
+        if not isinstance(shape, (list, tuple)) or len(shape) not in (3, 4) or not all(
+            type(d) is int and d > 0 for d in shape
+        ):
+            raise damaged(f"stores the input shape {_shown(shape)}, not 3 or 4 positive integers")
+        from dpruner.io.shapes import check_input_elements
+
+        try:
+            check_input_elements(shape, f"the input shape stored in '{path}'", limits)
+        except ShapeError as exc:
+            raise CheckpointError(str(exc)) from None
+        shape = tuple(shape)
+
+    plans = obj.get("plan")
+    if plans is None:
+        plans = []
+    elif isinstance(plans, Mapping):  # written by early versions: a single plan
+        plans = [plans]
+    if not isinstance(plans, list) or not all(isinstance(p, Mapping) for p in plans):
+        raise damaged(f"holds a pruning plan of type {type(plans).__name__}, not a list of plans (dicts)")
+
+    meta = obj.get("meta")
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, Mapping):
+        raise damaged(f"holds meta of type {type(meta).__name__}, not a dict")
+    return {"arch": stored_arch, "num_classes": num_classes, "input_shape": shape, "plan": plans,
+            "meta": dict(meta), "state_dict": state_dict}
+
+
+def _shown(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

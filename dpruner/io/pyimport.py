@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from dpruner.usercode import user_code
+
 
 def import_by_path(path: Path, prefix: str, error: type[Exception], what: str) -> ModuleType:
     """Import `path` once per process. The module name comes from the absolute path, which keeps two different
     model.py files apart in sys.modules; it is registered before running so worker processes can unpickle its
-    classes. Failures raise `error` with one sentence naming `what` (e.g. 'Architecture file')."""
+    classes. Failures, a sys.exit() in the file included, raise `error` (a DprunerError subclass) with one sentence
+    naming `what` (e.g. 'Architecture file')."""
     path = Path(path)
     resolved = path.resolve()
     name = f"{prefix}_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:12]}"
@@ -25,8 +28,9 @@ def import_by_path(path: Path, prefix: str, error: type[Exception], what: str) -
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[name]
-        raise error(f"Importing '{path}' failed: {type(exc).__name__}: {exc}") from exc
+        with user_code(f"Importing {what[:1].lower()}{what[1:]} '{path}'", error=error):
+            spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module

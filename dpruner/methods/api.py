@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -11,12 +12,13 @@ import torch
 from torch import nn
 
 from dpruner.criteria import get_criterion
-from dpruner.errors import InputError
+from dpruner.errors import InputError, UnsupportedError
 from dpruner.graph.build import DependencyGraph, build_graph
 from dpruner.graph.groups import ChannelIndex, channel_groups
 from dpruner.methods.cost import build_cost_model
 from dpruner.methods.oneshot import Allocation, normalized, search, select
-from dpruner.metrics.macs import count_macs, count_params, count_sizes
+from dpruner.graph.check import check_pruned, output_signature
+from dpruner.metrics.macs import count_macs, count_params, count_sizes, run_forward
 from dpruner.surgery.plan import apply_plan, make_plan
 from dpruner.surgery.views import group_tensors
 
@@ -57,6 +59,14 @@ def analyze_groups(model: nn.Module, example: torch.Tensor, *, exclude: Iterable
     return graph, channel_groups(graph, exclude=tuple(exclude))
 
 
+def nothing_prunable(index: ChannelIndex) -> UnsupportedError:
+    """The error for a model none of whose channel groups may be pruned (all excluded, or unsupported)."""
+    reasons = sorted({r for g in index.groups if not g.prunable for r in g.reasons[:1]})
+    shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+    return UnsupportedError(f"Nothing in the model can be pruned: every channel group is protected or unprunable "
+                            f"({shown or 'no channel groups'}); loosen --exclude, or see `dpruner analyze` for why.")
+
+
 def score_groups(model: nn.Module, graph: DependencyGraph, index: ChannelIndex, method: str,
                  seed: int = 0) -> dict[int, np.ndarray]:
     """Criterion scores of every prunable group's channels."""
@@ -91,30 +101,43 @@ def prune(
     pattern. Returns a PruneResult with the plan (plain data) and measured before/after params and MACs."""
     if (ratio is None) == (sparsity is None):
         raise InputError("Give exactly one of --ratio and --sparsity.")
-    if ratio is not None and ratio <= 1:
-        raise InputError(f"--ratio must be greater than 1 (e.g. 2x), got {ratio:g}.")
+    if ratio is not None and not (ratio > 1 and math.isfinite(ratio)):
+        raise InputError(f"--ratio must be a finite number greater than 1 (e.g. 2x), got {ratio:g}.")
     if sparsity is not None and not 0 < sparsity < 1:
         raise InputError(f"--sparsity must lie strictly between 0 and 1, got {sparsity:g}.")
     if target not in TARGETS:
         raise InputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'.")
     alloc = Allocation(allocation, max_fraction, round_to)
     get_criterion(method)  # fail on a bad name before any work
+    from dpruner.validate import finite_weights
+
+    finite_weights(model, "The model")
     was_training = model.training
     model.eval()
     try:
         base_macs = count_macs(model, example_input)
         before = {"params": count_params(model), "macs": base_macs.total}
+        expected = output_signature(run_forward(model, example_input))
         graph, index = analyze_groups(model, example_input, exclude=exclude, leaf_modules=leaf_modules)
+        if not any(g.prunable for g in index.groups):
+            raise nothing_prunable(index)
         scores = score_groups(model, graph, index, method, seed)
+
+        def sizes_of(plan: dict) -> dict:
+            """Params and MACs of the model `plan` makes, after the engine's check that it still runs."""
+            pruned = apply_plan(copy.deepcopy(model), plan)
+            check_pruned(pruned, example_input, expected, leaf_modules=leaf_modules)
+            return count_sizes(pruned, example_input)
+
         if sparsity is not None:
             level = sparsity if alloc.kind == "uniform" else _global_quantile(scores, sparsity)
             plan = make_plan(graph, index, index.roots[select(index, scores, alloc, level)])
-            after = count_sizes(apply_plan(copy.deepcopy(model), plan), example_input)
+            after = sizes_of(plan)
             met = True
         else:
             cost = build_cost_model(model, graph, index, base_macs.by_module, base_macs.total)
-            plan, after, met = _search_ratio(model, example_input, graph, index, scores, alloc, cost, target,
-                                             before[target] / ratio)
+            plan, after, met = _search_ratio(graph, index, scores, alloc, cost, target, before[target] / ratio,
+                                             sizes_of)
         apply_plan(model, plan)
     finally:
         model.train(was_training)
@@ -145,8 +168,8 @@ def parse_ratio(text: str | float) -> float:
             value = float(cleaned)
         except ValueError:
             raise InputError(f"--ratio must look like 2x or 1.5, got '{text}'.") from None
-    if not value > 1:
-        raise InputError(f"--ratio must be greater than 1 (e.g. 2x), got '{text}'.")
+    if not value > 1 or not math.isfinite(value):
+        raise InputError(f"--ratio must be a finite number greater than 1 (e.g. 2x), got '{text}'.")
     return value
 
 
@@ -155,7 +178,7 @@ def _global_quantile(scores: dict[int, np.ndarray], sparsity: float) -> float:
     return float(np.quantile(flat, sparsity))
 
 
-def _search_ratio(model, example, graph, index, scores, alloc, cost, target, goal):
+def _search_ratio(graph, index, scores, alloc, cost, target, goal, sizes_of):
     """Bisection on the estimate, then measure the real value with fvcore and correct the goal until the measured
     value lies within RATIO_TOLERANCE below the goal (at most MAX_CORRECTIONS rounds)."""
     aim = goal
@@ -163,7 +186,7 @@ def _search_ratio(model, example, graph, index, scores, alloc, cost, target, goa
     for _ in range(MAX_CORRECTIONS):
         removed, estimate = search(index, scores, alloc, cost, target=target, goal=aim)
         plan = make_plan(graph, index, index.roots[removed])
-        after = count_sizes(apply_plan(copy.deepcopy(model), plan), example)
+        after = sizes_of(plan)
         real = after[target]
         met = (1 - RATIO_TOLERANCE) * goal <= real <= goal
         if best is None or _better(real, best[1][target], goal):

@@ -39,13 +39,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpruner.errors import InputError
-from dpruner.methods.api import analyze_groups, score_groups
+from dpruner.errors import DprunerError, InputError
+from dpruner.graph.check import check_pruned, output_signature
+from dpruner.methods.api import analyze_groups, nothing_prunable, score_groups
 from dpruner.methods.cost import build_cost_model
 from dpruner.methods.oneshot import Allocation, normalized, search, select
-from dpruner.metrics.macs import count_macs, count_sizes
+from dpruner.metrics.macs import count_macs, count_sizes, run_forward
 from dpruner.surgery.plan import apply_plan, make_plan
 from dpruner.surgery.views import channel_parameters
+from dpruner.train.api import check_fields
 from dpruner.train.config import TrainConfig
 from dpruner.train.distributed import DistContext
 from dpruner.train.evaluate import evaluate
@@ -75,12 +77,18 @@ class ToleranceConfig:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if not 0 < self.tolerance < 1:
+        from dpruner import validate
+
+        if not 0 < self.tolerance < 1:  # also false for NaN
             raise InputError(f"--tolerance must lie between 0% and 100% (exclusive), got {100 * self.tolerance:g}%.")
-        if self.budget_epochs <= 0 or self.step_epochs <= 0:
-            raise InputError("--budget-epochs and --step-epochs must be positive.")
-        if self.max_ratio is not None and self.max_ratio <= 1:
-            raise InputError(f"--max-ratio must be greater than 1, got {self.max_ratio:g}.")
+        validate.epochs(self.budget_epochs, "--budget-epochs")
+        validate.epochs(self.step_epochs, "--step-epochs")
+        if self.max_ratio is not None:
+            validate.number(self.max_ratio, "--max-ratio", low=1, low_open=True)
+        validate.number(self.penalty, "--penalty", low=0, high=1e6)
+        validate.number(self.max_fraction, "--max-fraction", low=0, low_open=True, high=1, high_open=True)
+        for name in ("initial_rate", "max_rate", "min_step", "gain", "shrink"):
+            validate.number(getattr(self, name), name, low=0, low_open=True, high=1e3)
         if self.budget_epochs < self.step_epochs + self.final:
             raise InputError(f"--budget-epochs {self.budget_epochs:g} leaves no room for a pruning step: it must "
                              f"cover one step ({self.step_epochs:g}) plus the final fine-tune ({self.final:g}).")
@@ -166,6 +174,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     for p in teacher.parameters() if teacher is not None else ():
         p.requires_grad_(False)
     base = count_sizes(original, example)
+    expected = output_signature(run_forward(original, example))
     base_acc = measure(original.to(device))
     original.cpu()
     floor = base_acc - config.tolerance
@@ -199,11 +208,13 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
                 "ratio_macs": 1.0, "ratio_params": 1.0})
     else:
         check_resumable(resume, config, train, identity)
+        check_fields(resume, {"plans": list, "model": dict, "good_acc": float, "rate": float, "failures": int,
+                              "used": float, "step": int, "history": list, "position": int}, "the resume file")
         try:
             for plan in resume["plans"]:
                 apply_plan(good_model, plan)
             good_model.load_state_dict(resume["model"])
-        except (RuntimeError, KeyError, ValueError):
+        except (DprunerError, RuntimeError, KeyError, ValueError, TypeError, IndexError):
             raise InputError("The saved tolerance-run state does not fit this model; run without --resume.") from None
         good_plans, good_acc = list(resume["plans"]), resume["good_acc"]
         rate, failures, used, step_no = resume["rate"], resume["failures"], resume["used"], resume["step"]
@@ -237,6 +248,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         graph, index = analyze_groups(current, example, exclude=config.exclude, leaf_modules=leaf_modules)
         scores = score_groups(current, graph, index, config.method)
         n_prunable = sum(len(g) for g in index.groups if g.prunable)
+        if (not scores or n_prunable == 0) and not good_plans and step_no == 1:
+            raise nothing_prunable(index)
         if not scores or n_prunable == 0:
             stopped = "nothing left to prune"
             record({"action": "stop", "reason": stopped})
@@ -273,6 +286,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         current.cpu().eval()
         plan = make_plan(graph, index, index.roots[removed])
         apply_plan(current, plan)
+        check_pruned(current, example, expected, leaf_modules=leaf_modules)
         sizes = count_sizes(current, example)
         acc = measure(current.to(device))
         margin = acc - floor
@@ -358,7 +372,7 @@ def check_resumable(state: dict, config: ToleranceConfig, train: TrainConfig, id
     """A saved state continues only the run it came from: same model, data and options."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise InputError("The resume file is not a dpruner tolerance-run state.")
-    if state["config"] != _config_json(config, train, identity):
+    if state.get("config") != _config_json(config, train, identity):
         raise InputError("--resume needs the same model, data and options as the interrupted run (they differ "
                          "from the saved ones).")
 

@@ -34,15 +34,21 @@ def run_forward(model, example_input):
     try:
         with torch.no_grad():
             return model(example_input)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise _shape_error(exc, example_input) from exc
 
 
-def _shape_error(exc: Exception, example_input) -> ShapeError:
-    first = str(exc).strip().splitlines()
-    detail = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
+def _shape_error(exc: BaseException, example_input) -> ShapeError:
+    """The model's forward failed on the example input: the input shape, or the model's own code, is at fault."""
+    from dpruner.usercode import describe
+
     shape = ",".join(str(d) for d in example_input.shape[1:])
-    return ShapeError(f"The model cannot run on input shape {shape} ({detail}); check --input-shape.")
+    if isinstance(exc, SystemExit):
+        return ShapeError(f"The model's forward called sys.exit({exc.code!r}) on input shape {shape}.")
+    if isinstance(exc, ShapeError):
+        return exc
+    return ShapeError(f"The model cannot run on input shape {shape} ({describe(exc)}); check --input-shape and "
+                      "the model's code.")
 
 
 def count_macs(model, example_input) -> MacCount:
@@ -59,7 +65,7 @@ def count_macs(model, example_input) -> MacCount:
         warnings.simplefilter("ignore")  # torch.jit deprecation and tracer warnings: noise for the user here
         try:
             total = int(analysis.total())  # the jit trace runs the model once here
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise _shape_error(exc, example_input) from exc
         by_module = {name: int(v) for name, v in analysis.by_module().items()}
         uncounted = dict(Counter(analysis.unsupported_ops()))

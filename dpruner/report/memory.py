@@ -18,6 +18,7 @@ from torch import nn
 
 _CHILD = r"""
 import json, resource, sys
+sys.path.extend(json.loads(sys.argv[5]))  # after the standard library and site-packages: nothing can shadow them
 import numpy as np
 runtime, path, shape, threads = sys.argv[1], sys.argv[2], [int(v) for v in sys.argv[3].split(",")], int(sys.argv[4])
 def status(key):
@@ -57,6 +58,18 @@ print(json.dumps({"before": before, "after": peak()}))
 """
 
 
+def child_command(code: str, *args: str) -> list[str]:
+    """`python -I -c CODE ARGS`: isolated mode ignores PYTHON* variables and keeps the working folder off sys.path,
+    so a numpy.py or json.py lying where the user runs dpruner is never imported by a child dpruner starts."""
+    return [sys.executable, "-I", "-c", code, *args]
+
+
+def extra_paths() -> list[str]:
+    """The parent's import folders a child may need (e.g. dpruner from a source tree), minus the working folder."""
+    here = os.path.realpath(os.getcwd())
+    return [p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) != here]
+
+
 def forward_peak_bytes(runtime: str, model: nn.Module | None, onnx_path: str | Path | None,
                        input_shape: tuple[int, ...], batch: int, threads: int) -> int | None:
     """Peak extra resident bytes of the first forward at `batch` in a fresh process ('torch' or 'onnxruntime');
@@ -64,13 +77,19 @@ def forward_peak_bytes(runtime: str, model: nn.Module | None, onnx_path: str | P
     with tempfile.TemporaryDirectory(prefix="dpruner-memory-") as tmp:
         if runtime == "torch":
             path = Path(tmp) / "model.pt"
-            torch.save(model, path)
+            try:
+                torch.save(model, path)
+            except Exception:  # e.g. a model holding a lambda: the probe cannot run, the report shows '-'
+                return None
         else:
-            path = Path(onnx_path)
+            path = Path(onnx_path).resolve()
         shape = ",".join(str(v) for v in (batch, *input_shape[1:]))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        proc = subprocess.run([sys.executable, "-c", _CHILD, runtime, str(path), shape, str(threads)],
-                              capture_output=True, text=True, timeout=600, env=env)
+        try:
+            proc = subprocess.run(child_command(_CHILD, runtime, str(path), shape, str(threads),
+                                                json.dumps(extra_paths())),
+                                  capture_output=True, text=True, timeout=600, cwd=tmp)
+        except subprocess.TimeoutExpired:
+            return None
     if proc.returncode:
         return None
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -68,7 +68,9 @@ def verification_line(doc: dict) -> str | None:
     return (f"{head} verification {status}: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
             f"max rel diff {v['max_rel_diff']:.2e}, top-1 agreement {100 * v['top1_agreement']:.2f}% over "
             f"{v['samples']} samples ({where}; batches {', '.join(map(str, v['batch_sizes']))}) in onnxruntime "
-            f"{v['provider']}.")
+            f"{v['provider']}." + (f" Failed: {v['failure']}." if v.get("failure") else "")
+            + (f" Both runtimes produce the same {v['nonfinite']['torch']} non-finite outputs (NaN/inf)."
+               if v.get("nonfinite_agree") and (v.get("nonfinite") or {}).get("torch") else ""))
 
 
 def footer(doc: dict) -> str:

@@ -28,6 +28,19 @@ class TrainConfig:
     seed: int = 0
     quiet: bool = False
 
+    def __post_init__(self):
+        from dpruner import validate
+
+        validate.epochs(self.epochs, "--epochs")
+        validate.number(self.lr, "--lr", low=0, low_open=True, high=1e3)
+        validate.number(self.momentum, "momentum", low=0, high=1, high_open=True)
+        validate.number(self.weight_decay, "--weight-decay", low=0, high=1)
+        validate.number(self.warmup_epochs, "--warmup-epochs", low=0, high=validate.MAX_EPOCHS)
+        validate.number(self.label_smoothing, "--label-smoothing", low=0, high=1, high_open=True)
+        validate.number(self.distill_alpha, "distill_alpha", low=0, high=1)
+        validate.number(self.distill_temperature, "distill_temperature", low=0, low_open=True, high=1e3)
+        validate.seed(self.seed)
+
     def with_(self, **changes) -> "TrainConfig":
         return replace(self, **changes)
 

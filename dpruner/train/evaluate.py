@@ -23,12 +23,64 @@ class EvalResult:
         return {"accuracy": self.accuracy, "loss": self.loss, "samples": self.samples}
 
 
-def _batches(loader):
-    for batch in loader:
-        if isinstance(batch, dict):
-            yield batch["image"] if "image" in batch else batch["input"], batch["label"]
-        else:
-            yield batch[0], batch[1]
+def _batches(loader, split: str = "data"):
+    """(inputs, labels) pairs from a loader, checked: reading errors (a truncated image, a loader's own exception
+    or sys.exit) and malformed batches become one DataError sentence naming the split, never a crash later."""
+    from dpruner.data.spec import DataError
+    from dpruner.usercode import user_code
+
+    with user_code(f"Reading the {split} split", DataError):
+        iterator = iter(loader)
+    seen = 0
+    while True:
+        with user_code(f"Reading the {split} split", DataError):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            except DataError as exc:  # re-raised from a worker process: keep the original sentence only
+                raise DataError(_worker_message(exc)) from None
+        x, y = _pair(batch, split)
+        seen += 1
+        yield x, y
+    if seen == 0:
+        raise DataError(f"The {split} split yields no batches (an empty data set or loader).")
+
+
+def _worker_message(exc: BaseException) -> str:
+    """DataLoader workers re-raise as 'Caught X in DataLoader worker ...\n<traceback>\nX: message': the message."""
+    text = str(exc).strip()
+    if not text.startswith("Caught "):
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+def _pair(batch, split: str):
+    from dpruner.data.spec import DataError
+
+    if isinstance(batch, dict):
+        keys = [k for k in ("image", "input") if k in batch]
+        if not keys or "label" not in batch:
+            raise DataError(f"Batches of the {split} split are dicts with keys {sorted(map(str, batch))}; dpruner "
+                            "needs 'image' (or 'input') and 'label'.")
+        x, y = batch[keys[0]], batch["label"]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    else:
+        raise DataError(f"Batches of the {split} split must be (inputs, labels) pairs, not a {type(batch).__name__}.")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        kind = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(f"Inputs of the {split} split must be floating-point tensors with a batch dimension, not "
+                        f"{kind}.")
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool \
+            or y.dim() != 1 or len(y) != len(x):
+        kind = f"a {y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise DataError(f"Labels of the {split} split must be one integer class index per input ({len(x)} here), "
+                        f"not {kind}.")
+    if len(y) and (int(y.min()) < 0):
+        raise DataError(f"Labels of the {split} split go down to {int(y.min())}; labels must be >= 0.")
+    return x, y
 
 
 @torch.no_grad()
@@ -42,9 +94,14 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", *, ct
     loss_sum = 0.0
     try:
         with progress_bar(description, len(loader), progress_enabled(quiet, ctx.is_main)) as update:
-            for x, y in _batches(loader):
+            for x, y in _batches(loader, description):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
+                if y.numel() and int(y.max()) >= logits.shape[1]:
+                    from dpruner.data.spec import DataError
+
+                    raise DataError(f"Labels of the {description} split go up to {int(y.max())} but the model has "
+                                    f"{logits.shape[1]} outputs.")
                 loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
                 correct += int((logits.argmax(1) == y).sum())
                 total += int(y.numel())
@@ -59,16 +116,23 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", *, ct
 def check_compatible(model: nn.Module, loader, num_classes: int, device: torch.device | str = "cpu") -> tuple:
     """Run one batch: the model must accept the data's images and have one output per class. Returns the
     input shape (C, H, W) of the data. Raises ShapeError with one sentence otherwise."""
-    x, _ = next(iter(_batches(loader)))
+    from dpruner.usercode import describe, user_code
+
+    x, _ = next(iter(_batches(loader, "validation")))
     was_training = model.training
     model.eval()
     try:
-        out = model(x[:2].to(device))
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ShapeError(f"The model cannot run on the data's images of shape {tuple(x.shape[1:])} ({first}).") from None
+        with user_code("The model's forward"):
+            try:
+                out = model(x[:2].to(device))
+            except RuntimeError as exc:
+                raise ShapeError(f"The model cannot run on the data's images of shape {tuple(x.shape[1:])} "
+                                 f"({describe(exc)}).") from None
     finally:
         model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ShapeError(f"The model returns a {type(out).__name__}, not a tensor; training and evaluation need a "
+                         "classifier that returns one logit per class.")
     if out.dim() != 2:
         raise ShapeError(f"The model's output has shape {tuple(out.shape)}; a classifier with one logit per class "
                          "was expected.")

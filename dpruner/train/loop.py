@@ -109,12 +109,17 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
         while step < total:
             epoch, offset = divmod(position + step, steps_per_epoch)
             data.set_epoch(epoch, offset)  # resume or continue inside an epoch without loading what was done
-            for x, y in _batches(data.train):
+            for x, y in _batches(data.train, "train"):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     logits = net(x)
+                    if int(y.max()) >= logits.shape[-1]:
+                        from dpruner.data.spec import DataError
+
+                        raise DataError(f"Labels of the train split go up to {int(y.max())} but the model has "
+                                        f"{logits.shape[-1]} outputs.")
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
                     if teacher is not None:
                         with torch.no_grad():

@@ -202,9 +202,8 @@ def test_prune_with_leaf_module(tmp_path):
     out = tmp_path / "leaf.pt"
     result = run("prune", RESNET, "--sparsity", "0.3", "--leaf", "dpruner.zoo.digits:BasicBlock", "-o", str(out),
                  "--json")
-    assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    # every block is opaque: only the stem and the classifier input remain candidates, and the blocks are untouched
-    assert any("BasicBlock has no pruning rule" in r for u in doc["unprunable"] for r in u["reasons"])
+    # every block is opaque, so nothing is left to prune: one sentence that names the leaf as the reason, exit 2
+    _one_line_error(result, contains="BasicBlock has no pruning rule")
+    assert "Nothing in the model can be pruned" in result.output and not out.exists()
     bad = run("prune", RESNET, "--sparsity", "0.3", "--leaf", "dpruner.zoo.digits:nothing", "-o", str(out))
     _one_line_error(bad, contains="no callable named 'nothing'")

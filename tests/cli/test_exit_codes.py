@@ -35,3 +35,26 @@ def test_every_command_exits_2_on_a_missing_file_with_empty_stdout(command, tmp_
     proc = subprocess.run([sys.executable, "-m", "dpruner", *command], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+def test_every_error_class_is_documented_with_an_example():
+    """Each DprunerError subclass dpruner defines appears in docs/exit-codes.md's table of error classes."""
+    import importlib
+    import pkgutil
+
+    import dpruner
+
+    for info in pkgutil.walk_packages(dpruner.__path__, "dpruner."):
+        if not info.name.startswith("dpruner.cli"):
+            importlib.import_module(info.name)
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    text = (ROOT / "docs" / "exit-codes.md").read_text()
+    table = text.split("## Error classes", 1)[1]
+    missing = [c.__name__ for c in subclasses(errors.DprunerError) if c.__module__.startswith("dpruner")
+               and f"`{c.__name__}`" not in table]
+    assert not missing, f"document these in docs/exit-codes.md: {missing}"

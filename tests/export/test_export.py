@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -120,3 +121,56 @@ def test_markdown_may_not_overwrite_the_onnx_file(tmp_path):
     out = tmp_path / "s.onnx"
     proc = dp("export", VGG, "--onnx", str(out), "--markdown", str(out), "--no-latency")
     assert proc.returncode == 2 and "Refusing to overwrite" in proc.stderr and not out.exists()
+
+
+def _nan_checkpoint(tmp_path, factory: str) -> str:
+    import dpruner
+    from tests import hostile
+
+    model = getattr(hostile, factory)()
+    path = tmp_path / f"{factory}.pt"
+    dpruner.save_checkpoint(path, model, arch=f"{ROOT / 'tests' / 'hostile.py'}:{factory}", input_shape=(1, 1, 8, 8))
+    return str(path)
+
+
+def test_nan_outputs_on_one_side_fail_verification(tmp_path):
+    """NaN weights: PyTorch outputs NaN, ONNX Runtime's ReLU/MaxPool make them finite -> exit 3, nothing written
+    (the old check dropped NaN differences and passed with max abs diff 0)."""
+    from tests.cli.conftest import invoke
+
+    model = _nan_checkpoint(tmp_path, "nan_relu")
+    run = invoke("export", model, "--onnx", "n.onnx", "--no-latency", "--json", "--arch",
+                 f"{ROOT / 'tests' / 'hostile.py'}:nan_relu", cwd=tmp_path)
+    assert run.code == 3, run.stderr
+    doc = json.loads(run.stdout)["verification"]
+    assert doc["passed"] is False and doc["nonfinite_agree"] is False
+    assert doc["nonfinite"]["torch"] > 0 and doc["nonfinite"]["onnxruntime"] == 0
+    assert "PyTorch produces" in run.stderr and "non-finite" in run.stderr
+    assert not (tmp_path / "n.onnx").exists()
+
+
+def test_nan_outputs_on_both_sides_at_the_same_places_pass_and_are_reported(tmp_path):
+    from tests.cli.conftest import invoke
+
+    model = _nan_checkpoint(tmp_path, "all_nan")
+    run = invoke("export", model, "--onnx", "n.onnx", "--no-latency", "--arch",
+                 f"{ROOT / 'tests' / 'hostile.py'}:all_nan", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert "Both runtimes produce the same 90 non-finite outputs" in run.stdout.replace("\n", " ")
+
+
+def test_compare_outputs_rules():
+    from dpruner.export.verify import Verification, compare_outputs
+
+    def check(expected, got):
+        result = Verification(atol=1e-4)
+        compare_outputs(np.array(expected, dtype=np.float32), np.array(got, dtype=np.float32), result)
+        return result
+
+    assert check([1.0, np.nan], [1.0, np.nan]).passed  # same NaN, same place
+    assert check([np.inf, 2.0], [np.inf, 2.0]).passed
+    assert not check([np.inf, 2.0], [-np.inf, 2.0]).passed  # opposite infinities
+    assert not check([np.nan, 2.0], [2.0, np.nan]).passed  # NaN at different places
+    mixed = check([np.nan, 1.0], [0.5, 1.0])
+    assert not mixed.passed and "PyTorch produces 1 non-finite" in mixed.failure()
+    assert check([1.0, 2.0], [1.0, 2.00001]).passed and not check([1.0, 2.0], [1.0, 2.1]).passed

@@ -98,3 +98,19 @@ def test_memory_probe_reports_forward_memory_that_grows_with_the_batch():
     large = forward_peak_bytes("torch", model, None, (1, 3, 32, 32), 256, 1)
     # batch 256 holds at least one 256x16x32x32 float activation (16 MiB) at a time
     assert large > 16 * 2**20 > small >= 0
+
+
+def test_memory_probe_child_never_imports_modules_from_the_working_folder(tmp_path, monkeypatch):
+    """A numpy.py / json.py planted where dpruner runs must not execute in the probe's child process."""
+    from dpruner.report.memory import forward_peak_bytes
+    from dpruner.zoo import resnet20
+
+    marker = tmp_path / "PLANTED_RAN"
+    for name in ("numpy", "json", "torch", "onnxruntime"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name}\\n')\nraise SystemExit(9)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # isolated mode ignores it too
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python -m dpruner` would have it; the child drops it
+    peak = forward_peak_bytes("torch", resnet20().eval(), None, (1, 3, 32, 32), 1, 1)
+    assert not marker.exists(), marker.read_text()
+    assert peak is not None and peak >= 0

@@ -1,0 +1,124 @@
+"""The engine's check of its own work: a pruned model must run on the example input and return outputs of the
+original's structure and shapes (outputs are never pruned). A failure here is a bug in dpruner, not the user's
+input, so it is an EngineError (exit 70) naming the graph node that failed and the layers that feed it, with
+`--exclude` as the workaround."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from dpruner.errors import EngineError
+
+
+def output_signature(value) -> object:
+    """The structure of a model's output with tensors replaced by their shapes (what pruning must preserve)."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, dict):
+        return {k: output_signature(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(output_signature(v) for v in value) if not hasattr(value, "_fields") else \
+            tuple(output_signature(v) for v in value)
+    return type(value).__name__
+
+
+def check_pruned(model: nn.Module, example: torch.Tensor, expected: object, *,
+                 leaf_modules: Iterable[type] = ()) -> None:
+    """Run the pruned `model` once (eval mode, no grad); raise EngineError when it fails or when its output
+    signature differs from `expected` (output_signature of the original on the same input)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as exc:
+        node, detail, layers = locate_failure(model, example, leaf_modules)
+        raise EngineError(_message(f"fails at {node}" if node else "fails", detail or _text(exc), layers)) from exc
+    finally:
+        model.train(was_training)
+    got = output_signature(out)
+    if got != expected:
+        raise EngineError(_message(f"returns outputs of shape {got} instead of {expected}", "", []))
+
+
+def locate_failure(model: nn.Module, example: torch.Tensor,
+                   leaf_modules: Iterable[type] = ()) -> tuple[str, str, list[str]]:
+    """Replay the model node by node with torch.fx: the first node that raises, described with its module and
+    the layers feeding it, the error text, and those layers. ('', '', []) when the model cannot be traced."""
+    from dpruner.graph.tracer import PruningTracer, owner_of
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = PruningTracer(tuple(leaf_modules)).trace(model)
+        runner = _Locator(fx.GraphModule(model, graph))
+        with torch.no_grad():
+            runner.run(example)
+    except _Failed as failed:
+        node = failed.node
+        feeders = sorted(_feeding_modules(node))
+        where = f"node '{node.name}' ({_op_text(node)}"
+        owner = owner_of(node) or (node.target if node.op == "call_module" else "")
+        where += f" in '{owner}'" if owner else ""
+        where += f", fed by {', '.join(repr(f) for f in feeders)})" if feeders else ")"
+        return where, _text(failed.error), feeders
+    except Exception:
+        return "", "", []
+    return "", "", []
+
+
+class _Failed(Exception):
+    def __init__(self, node: fx.Node, error: BaseException):
+        super().__init__(node.name)
+        self.node, self.error = node, error
+
+
+class _Locator(fx.Interpreter):
+    def run_node(self, n: fx.Node):
+        try:
+            return super().run_node(n)
+        except Exception as exc:
+            raise _Failed(n, exc) from exc
+
+
+def _feeding_modules(node: fx.Node, limit: int = 4) -> set[str]:
+    """Names of the nearest modules upstream of `node` (the layers whose widths met there)."""
+    found: set[str] = set()
+    stack, seen = list(node.all_input_nodes), set()
+    while stack and len(found) < limit:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "call_module":
+            found.add(str(current.target))
+        else:
+            stack.extend(current.all_input_nodes)
+    return found
+
+
+def _op_text(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__module__', '') or ''}.{getattr(node.target, '__name__', node.target)}".lstrip(".")
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return str(node.target)
+
+
+def _text(exc: BaseException) -> str:
+    from dpruner.usercode import describe
+
+    return describe(exc)
+
+
+def _message(what: str, detail: str, layers: list[str]) -> str:
+    hint = (f"protect those layers from pruning with {' '.join(f'--exclude {name!r}' for name in layers)}" if layers
+            else "protect the layers involved with --exclude")
+    return (f"The pruned model {what}" + (f": {detail}" if detail else "") + "; this is a bug in dpruner's engine, "
+            f"not in your input, and nothing was written. Until it is fixed, {hint}; please report it (rerun with "
+            "DPRUNER_DEBUG=1 for the traceback).")
