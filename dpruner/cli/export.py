@@ -51,16 +51,12 @@ def export(
     """Export MODEL to ONNX and report on it."""
     from dpruner.errors import EXIT_VERIFICATION_FAILED
     from dpruner.export.api import export_model
-    from dpruner.report.compare import build_report
-    from dpruner.report.latency import default_threads
-
-    from dpruner.cli.report import check_batches, check_threads, load_side, parse_batches, write_markdown
-
-    from dpruner.io.atomic import check_not_input
-
     from dpruner import validate
-    from dpruner.io.atomic import check_output_path
+    from dpruner.cli.report import (accuracy_of, check_batches, check_threads, load_side, parse_batches,
+                                    write_markdown)
     from dpruner.export.onnx import check_export_options
+    from dpruner.io.atomic import check_not_input, check_output_path
+    from dpruner.report.latency import default_threads
 
     # Every input is read and checked before anything is written: a bad --baseline or --data leaves no file behind.
     inputs = [model, baseline]
@@ -86,27 +82,22 @@ def export(
 
         bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
                                val_fraction=val_fraction, seed=0, download=False, ctx=DistContext(), mean=mean, std=std)
+    accuracy = accuracy_of(after_loaded.model, bundle)  # reads every batch: bad data fails here, before any write
+    base_accuracy = accuracy_of(base_loaded.model, bundle) if base_loaded is not None else None
     result = export_model(after_loaded.model, shape, onnx, inputs=inputs, opset=opset, dynamic_batch=not static_batch,
                           exporter=exporter, simplify=simplify, atol=atol, keep_on_failure=keep_on_failure,
                           loader=bundle.test or bundle.val if bundle else None)
-    from dpruner.cli.report import facts_for
-
     written = result.written
-    # latency runs at every --batches size: a static-batch file cannot, so a dynamic twin is timed instead
-    settings = {"opset": opset, "exporter": exporter}
-    after = facts_for(after_loaded.model, shape, model, bundle, sizes, n_threads, latency,
-                      onnx_path=onnx if written and not static_batch else None, memory=memory, export=settings)
-    if written:
-        after.onnx_bytes = onnx.stat().st_size
-    before = None
-    if base_loaded is not None:
-        before = facts_for(base_loaded.model, shape, baseline, bundle, sizes, n_threads, latency, memory=memory,
-                           export=settings)
-    doc = build_report(after, before, threads=n_threads, onnx={**result.info.to_json(), "written": written},
-                       verification=result.verification.to_json())
-    title = f"{baseline} -> {model}" if baseline else str(model)
-    if markdown is not None:
-        write_markdown(markdown, doc, title, inputs)
+    try:
+        doc = _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, sizes, n_threads, latency,
+                      memory, opset, exporter, static_batch, onnx, accuracy, base_accuracy)
+        title = f"{baseline} -> {model}" if baseline else str(model)
+        if markdown is not None:
+            write_markdown(markdown, doc, title, inputs)
+    except BaseException:  # a failure after the ONNX file appeared (e.g. the report's disk is full): take it back
+        if written:
+            onnx.unlink(missing_ok=True)
+        raise
     if json_output:
         emit_json(doc)
     else:
@@ -121,3 +112,25 @@ def export(
             f"verification failed: {result.verification.failure()}; "
             + (f"'{onnx}' was kept (--keep-on-failure)." if written else "no file was written."))
         raise typer.Exit(EXIT_VERIFICATION_FAILED)
+
+
+def _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, sizes, n_threads, latency, memory,
+            opset, exporter, static_batch, onnx, accuracy, base_accuracy) -> dict:
+    """The before/after report of an export: sizes, MACs, latency (the ONNX file if it was written), accuracy."""
+    from dpruner.cli.report import facts_for
+    from dpruner.report.compare import build_report
+
+    written = result.written
+    # latency runs at every --batches size: a static-batch file cannot, so a dynamic twin is timed instead
+    settings = {"opset": opset, "exporter": exporter}
+    after = facts_for(after_loaded.model, shape, model, bundle, sizes, n_threads, latency,
+                      onnx_path=onnx if written and not static_batch else None, memory=memory, export=settings,
+                      accuracy=accuracy)
+    if written:
+        after.onnx_bytes = onnx.stat().st_size
+    before = None
+    if base_loaded is not None:
+        before = facts_for(base_loaded.model, shape, baseline, bundle, sizes, n_threads, latency, memory=memory,
+                           export=settings, accuracy=base_accuracy)
+    return build_report(after, before, threads=n_threads, onnx={**result.info.to_json(), "written": written},
+                        verification=result.verification.to_json())

@@ -65,14 +65,22 @@ def load_side(path: Path, *, arch, num_classes, trust, input_shape, shape=None):
     return loaded, tuple(shape)
 
 
-def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=None, memory=False, export=None):
+def accuracy_of(model, bundle) -> dict | None:
+    """Top-1 per split on --data (None without data): measured before anything is written, since the data may be
+    what is at fault."""
+    if bundle is None:
+        return None
+    from dpruner.train.api import evaluate_splits
+
+    return {k: v.accuracy for k, v in evaluate_splits(model, bundle).items()}
+
+
+def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=None, memory=False, export=None,
+              accuracy=None):
     from dpruner.report.compare import measure_model
 
-    accuracy = None
-    if bundle is not None:
-        from dpruner.train.api import evaluate_splits
-
-        accuracy = {k: v.accuracy for k, v in evaluate_splits(model, bundle).items()}
+    if accuracy is None:
+        accuracy = accuracy_of(model, bundle)
     return measure_model(model, shape, source=str(path), pt_path=path, onnx_path=onnx_path, batches=batches,
                          threads=threads, latency=latency, accuracy=accuracy, memory=memory, export=export)
 

@@ -298,11 +298,26 @@ def test_a_pruned_model_that_fails_its_check_is_exit_70_naming_the_node(tmp_path
 # ---- stray output ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [["--baseline", "missing.pt"], ["--data", "nosuch:x"], ["--markdown", "no/dir/r.md"],
-                                 ["--batches", "0"], ["--threads", "99999"]])
+                                 ["--batches", "0"], ["--threads", "99999"],
+                                 ["--data", f"python:{HOSTILE}:float_labels"]])  # found by the property test
 def test_export_validates_every_input_before_writing(bad, tmp_path):
     run = invoke("export", VGG, "--onnx", "o.onnx", "--no-latency", *bad, cwd=tmp_path)
     assert run.code == 2, run.stderr
     run.one_error_line()
+    assert files(tmp_path) == set()
+
+
+def test_export_takes_its_onnx_file_back_when_the_report_cannot_be_written(tmp_path, monkeypatch):
+    import dpruner.cli.report as report
+
+    def full_disk(*args, **kwargs):
+        from dpruner.errors import InputError
+
+        raise InputError("Cannot write 'r.md': No space left on device; nothing was written.")
+
+    monkeypatch.setattr(report, "write_markdown", full_disk)
+    run = invoke("export", VGG, "--onnx", "o.onnx", "--no-latency", "--markdown", "r.md", cwd=tmp_path)
+    assert run.code == 2 and "No space left" in run.one_error_line()
     assert files(tmp_path) == set()
 
 
