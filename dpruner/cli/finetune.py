@@ -74,6 +74,12 @@ def finetune(
     bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
                            val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
     net = loaded.model.to(dev)
+    from dpruner.train.evaluate import check_compatible
+
+    data_shape = check_compatible(net, bundle.val, bundle.num_classes, dev)
+    if shape is not None and tuple(shape[1:]) != tuple(data_shape):
+        raise InputError(f"--input-shape {','.join(map(str, shape[1:]))} does not match the data's images "
+                         f"({','.join(map(str, data_shape))}); drop it or pass the data's shape.")
     teacher_model = None
     if teacher is not None and distill is not False:
         teacher_model = load_checkpoint(teacher, arch=arch or loaded.arch, num_classes=loaded.num_classes,

@@ -70,6 +70,10 @@ def build_model(spec: str | ArchSpec, *, num_classes: int | None = None) -> "tor
     import torch
 
     spec = parse_arch(spec) if isinstance(spec, str) else spec
+    if spec.kind == "module" and spec.target.split(".")[0] == "dpruner" and not spec.trusted:
+        # dpruner's own modules hold no architectures but the zoo's (calling e.g. its CLI would re-enter dpruner)
+        raise ArchError(f"'{spec.text}' is not one of dpruner's architectures; those are "
+                        f"{', '.join(f'dpruner.zoo:{name}' for name in sorted(zoo_builders()))}.")
     with no_network(f"Building '{spec.text}'", hint=_offline_hint(spec)):
         if spec.kind == "torchvision":
             model = _build_torchvision(spec.factory, num_classes)

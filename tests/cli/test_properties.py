@@ -33,7 +33,6 @@ from tests.cli.conftest import invoke  # noqa: E402
 from tests.conftest import ROOT, SAMPLE_MODELS  # noqa: E402
 
 HOSTILE = str(ROOT / "tests" / "hostile.py")
-OUTPUTS = {"out.pt", "out.pt.resume", "out.onnx", "out.md"}
 MARKER = "CODE_RAN"
 
 
@@ -270,15 +269,22 @@ def test_every_command_fails_cleanly_on_generated_input(case, pool, tmp_path_fac
         errors = [line for line in lines if line.startswith("error: ")]
         assert len(errors) == 1, run.stderr
         assert lines[-1].startswith(("error: ", "usage: ")), run.stderr
+    named = {argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-o", "--onnx", "--markdown")}
+    outputs = named | {f"{name}.resume" for name in named}
+    inputs = {a for a in argv if a in before} - outputs
     changed = {name for name in before if after.get(name) != before[name]}
     new = set(after) - set(before)
-    assert changed <= OUTPUTS and new <= OUTPUTS, (changed, new)
+    assert not changed & inputs, f"an input file changed: {changed & inputs}"
+    assert changed <= outputs and new <= outputs, (changed, new)
     assert not [name for name in after if name.endswith(".tmp") or ".tmp." in name]
-    written = {name for name in new | changed if name != "out.pt.resume"}
+    written = {name for name in new | changed if not name.endswith(".resume")}
+    model_out = {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-o"}
+    onnx_out = {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--onnx"}
+    report_out = {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--markdown"}
     if run.code == 2:
         assert not written, written
     elif run.code == 1:
-        assert written <= ({"out.pt"} if command == "prune" and "--data" not in args else set()), written
+        assert written <= (model_out if command == "prune" and "--data" not in args else set()), written
     elif run.code == 3:
-        assert written <= ({"out.onnx", "out.md"} if "--keep-on-failure" in args else {"out.md"}), written
+        assert written <= (onnx_out if "--keep-on-failure" in args else set()) | report_out, written
     shutil.rmtree(work, ignore_errors=True)

@@ -70,7 +70,12 @@ def test_factory_that_fails():
 
 def test_factory_without_num_classes():
     with pytest.raises(ArchError, match="takes no num_classes"):
-        build_model("dpruner.io.shapes:format_shape", num_classes=3)
+        build_model("tests.conftest:not_a_model", num_classes=3)
+
+
+def test_dpruner_modules_other_than_the_zoo_are_no_architectures():
+    with pytest.raises(ArchError, match="not one of dpruner.s architectures.*dpruner.zoo:resnet56"):
+        build_model("dpruner.cli.app:main")
 
 
 def test_broken_file(tmp_path):
