@@ -87,12 +87,21 @@ def pca_energy(filters: torch.Tensor, levels=PCA_LEVELS) -> dict:
     layer of torchvision's regnet_x_32gf).
     """
     n, d = filters.shape
-    filters = filters.float()
-    centred = filters - filters.mean(dim=0, keepdim=True)
-    gram = centred @ centred.T if n <= d else centred.T @ centred
-    eig = torch.linalg.eigvalsh(gram).double().flip(0).clamp_min(0)
-    total = float(eig.sum())
     out = {"filters": n, "rank_bound": min(n, d)}
+    eig = None
+    for dtype in (torch.float32, torch.float64):  # float64 when float32 overflows or fails (extreme weights)
+        centred = filters.to(dtype) - filters.to(dtype).mean(dim=0, keepdim=True)
+        gram = centred @ centred.T if n <= d else centred.T @ centred
+        if not bool(torch.isfinite(gram).all()):
+            continue
+        try:
+            eig = torch.linalg.eigvalsh(gram).double().flip(0).clamp_min(0)
+            break
+        except RuntimeError:  # torch.linalg.LinAlgError: no convergence on an ill-conditioned matrix
+            continue
+    if eig is None:
+        return out | {"error": "the eigensolver did not converge (extreme weight values)"}
+    total = float(eig.sum())
     if total <= 0:
         return out | {f"k{round(level * 100)}": 0 for level in levels}
     cumulative = eig.cumsum(0) / total

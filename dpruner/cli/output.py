@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from rich.console import Console
@@ -25,9 +26,20 @@ def stderr_console() -> Console:
 
 
 def emit_json(document: dict) -> None:
-    """Write one JSON document to stdout (plain text: no Rich markup, no line wrapping)."""
-    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    """Write one JSON document to stdout (plain text: no Rich markup, no line wrapping). NaN and infinities, which
+    JSON cannot express, become null."""
+    sys.stdout.write(json.dumps(_finite(document), indent=2, sort_keys=False, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def human(n: float, unit: str = "") -> str:

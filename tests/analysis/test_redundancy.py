@@ -95,3 +95,17 @@ def test_large_layers_skip_the_expensive_measures_unless_asked():
     layer = nn.Linear(300, 200)
     assert "pca" not in filter_measures(layer, max_cost=1e3) and "skipped" in filter_measures(layer, max_cost=1e3)
     assert "pca" in filter_measures(layer, max_cost=None)
+
+
+def test_pca_survives_extreme_weights():
+    """Finite but huge weights (a bit-flipped checkpoint, found by the property test) overflow the float32 Gram
+    matrix: PCA falls back to float64, or reports that it could not converge, instead of crashing analyze."""
+    import torch
+
+    from dpruner.analysis.redundancy import pca_energy
+
+    filters = torch.randn(8, 27)
+    filters[3, 5] = 3e38
+    out = pca_energy(filters)
+    assert out["filters"] == 8 and ("k90" in out or "error" in out)
+    assert out.get("k90", 1) >= 1

@@ -6,7 +6,8 @@ generated or corrupted input files. Whatever the input, dpruner must
 - change no file in the working folder except the outputs the command names;
 - leave no output behind on exit 2 (exit 1 of a data-free prune and exit 3 with --keep-on-failure write theirs, as
   docs/exit-codes.md says; a training run's OUTPUT.resume stays so that --resume can continue it);
-- never run code from a checkpoint it was not told to trust.
+- never run code from a checkpoint it was not told to trust;
+- with --json, print exactly one strict JSON document (no NaN) on exit 0, 1 and 3, and nothing on exit 2.
 
 The `ci` profile (tests/conftest.py) runs a few dozen examples; `--hypothesis-profile=long` runs 10,000
 (docs/benchmarks.md records that run)."""
@@ -269,6 +270,11 @@ def test_every_command_fails_cleanly_on_generated_input(case, pool, tmp_path_fac
         errors = [line for line in lines if line.startswith("error: ")]
         assert len(errors) == 1, run.stderr
         assert lines[-1].startswith(("error: ", "usage: ")), run.stderr
+    if "--json" in argv:  # stdout is exactly one JSON document (strict: no NaN), or empty on exit 2
+        if run.code in (0, 1) or (run.code == 3 and run.stdout):  # onnx.checker's exit 3 has no document
+            json.loads(run.stdout, parse_constant=lambda name: pytest.fail(f"{name} in the JSON output"))
+        else:
+            assert run.stdout == "", run.stdout[:500]
     named = {argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-o", "--onnx", "--markdown")}
     outputs = named | {f"{name}.resume" for name in named}
     inputs = {a for a in argv if a in before} - outputs
