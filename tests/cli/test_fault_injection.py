@@ -24,6 +24,7 @@ TOLERANCE = ["prune", VGG, "--data", "digits", "--tolerance", "2%", "--budget-ep
              "0.5", "--batch-size", "512", "--quiet", "-o", "out.pt"]
 ONE_SHOT = ["prune", VGG, "--ratio", "2x", "-o", "out.pt"]
 EXPORT = ["export", VGG, "--onnx", "out.onnx", "--no-latency", "--markdown", "out.md", "--baseline", VGG]
+REPORT = ["report", VGG, VGG, "--no-latency", "--markdown", "out.md"]
 
 
 class Interrupt:
@@ -130,7 +131,7 @@ def test_tolerance_run_interrupted_before_removing_the_state(tmp_path, monkeypat
     assert interrupted_then_finished(TOLERANCE, tmp_path, monkeypatch, writes - 1, "before rename", True) == expected
 
 
-@pytest.mark.parametrize("args", [ONE_SHOT, EXPORT], ids=["prune", "export"])
+@pytest.mark.parametrize("args", [ONE_SHOT, EXPORT, REPORT], ids=["prune", "export", "report"])
 @pytest.mark.parametrize("phase", ["before write", "before rename"])
 def test_stateless_commands_interrupted_at_every_write_rerun_to_the_same_files(args, phase, tmp_path, monkeypatch):
     expected, counts = reference(args, tmp_path, monkeypatch)
