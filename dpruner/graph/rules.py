@@ -56,15 +56,28 @@ def passthrough(b, node, *_):
     return value
 
 
-def spatial(b, node, *_):
-    """Pooling/upsampling over the trailing two dims: channels must lie before them."""
-    arg, x = _input(b, node)
-    if not isinstance(x, Chan):
-        return x
-    ndim = _ndim(b, arg)
-    if ndim is None or x.axis >= ndim - 2:
-        return b.unknown(node, "spatial op over the channel dim")
-    return x
+def _spatial(k: int | None):
+    """The rule of a pooling/padding/upsampling op over the trailing `k` dims (None: every dim after the batch and
+    channel dims, as F.interpolate): channels must lie before them. Ops that also return indices (max pooling with
+    return_indices=True) label both outputs alike."""
+
+    def spatial(b, node, *_):
+        arg, x = _input(b, node)
+        pair = hasattr(node.meta.get("tensor_meta"), "__len__")  # (values, indices)
+        if isinstance(x, ParamRef):
+            return b.unknown(node, "spatial op on a parameter")
+        if isinstance(x, Chan):
+            ndim = _ndim(b, arg)
+            dims = None if ndim is None else (ndim - 2 if k is None else k)
+            if ndim is None or x.axis >= ndim - dims:
+                return b.unknown(node, "spatial op over the channel dim")
+        return (x, x) if pair else x
+
+    spatial.__name__ = f"spatial{k if k is not None else 'N'}d"
+    return spatial
+
+
+spatial = _spatial(2)  # (kept for rules written against the old name: 2-D ops)
 
 
 def no_tensor(b, node, *_):
@@ -535,11 +548,13 @@ _ELEMENTWISE_MODULES = (
     nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout, nn.Threshold, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
 )
-_SPATIAL_MODULES = (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-    nn.ConstantPad2d,
-)
+# Spatial ops by how many trailing dims they work over (None: all dims after batch and channel, as Upsample).
+_SPATIAL_MODULES: dict = {
+    **{getattr(nn, f"{kind}{k}d"): k for k in (1, 2, 3) for kind in (
+        "MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "LPPool", "ZeroPad", "ReflectionPad",
+        "ReplicationPad", "ConstantPad", "CircularPad") if hasattr(nn, f"{kind}{k}d")},
+    nn.Upsample: None, nn.UpsamplingNearest2d: 2, nn.UpsamplingBilinear2d: 2,
+}
 
 MODULE_RULES: dict = {
     nn.Conv1d: conv, nn.Conv2d: conv, nn.Conv3d: conv,
@@ -554,7 +569,7 @@ MODULE_RULES: dict = {
     nn.Softmax: softmax_module,
     nn.LogSoftmax: softmax_module,
     **{cls: passthrough for cls in _ELEMENTWISE_MODULES},
-    **{cls: spatial for cls in _SPATIAL_MODULES},
+    **{cls: _spatial(k) for cls, k in _SPATIAL_MODULES.items()},
 }
 
 _ELEMENTWISE_FUNCTIONS = (
@@ -563,14 +578,17 @@ _ELEMENTWISE_FUNCTIONS = (
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.exp, torch.abs, torch.neg, operator.neg,
     torch.clamp, torch.clip, torch.erf, torch.sqrt, torch.rsqrt, torch.square, F.logsigmoid, torch.nn.functional.threshold,
 )
-_SPATIAL_FUNCTIONS = (
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d, F.interpolate,
-    F.upsample, F.upsample_nearest, F.upsample_bilinear, torch.max_pool2d, torch.adaptive_avg_pool1d,
-)
+_SPATIAL_FUNCTIONS: dict = {
+    **{getattr(F, f"{kind}{k}d"): k for k in (1, 2, 3) for kind in (
+        "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool") if hasattr(F, f"{kind}{k}d")},
+    **{getattr(torch, f"{kind}{k}d"): k for k in (1, 2, 3) for kind in (
+        "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool") if hasattr(torch, f"{kind}{k}d")},
+    F.interpolate: None, F.upsample: None, F.upsample_nearest: None, F.upsample_bilinear: None,
+}
 
 FUNCTION_RULES: dict = {
     **{fn: passthrough for fn in _ELEMENTWISE_FUNCTIONS},
-    **{fn: spatial for fn in _SPATIAL_FUNCTIONS},
+    **{fn: _spatial(k) for fn, k in _SPATIAL_FUNCTIONS.items()},
     operator.add: binary, operator.sub: binary, operator.mul: binary, operator.truediv: binary,
     operator.iadd: binary, operator.isub: binary, operator.imul: binary, operator.itruediv: binary,
     torch.add: binary, torch.sub: binary, torch.mul: binary, torch.div: binary, torch.maximum: binary,
@@ -622,6 +640,24 @@ SHAPE_PRESERVING_FUNCTIONS = frozenset(_ELEMENTWISE_FUNCTIONS)
 # (not .contiguous(): a later .view() needs the layout it produces)
 SHAPE_PRESERVING_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "detach", "hardtanh_",
                                       "clamp", "clamp_"})
+
+
+# Methods a module's forward delegates to: a subclass overriding any of them computes something else than its base.
+_FORWARD_PATH = ("forward", "_conv_forward", "_output_padding")
+
+
+def runs_rule_forward(cls: type, rule_types) -> bool:
+    """True when `cls` (a subclass of a class with a module rule) runs that class's own forward, so the rule
+    describes it: no class between `cls` and the nearest rule class overrides a method on the forward path.
+    A subclass that does (timm's BatchNormAct2d, a LayerNorm2d permuting around F.layer_norm) is traced instead
+    and its functional calls are handled by the function rules."""
+    rule_types = tuple(rule_types)
+    for klass in cls.__mro__:
+        if klass in rule_types:
+            return True
+        if any(name in vars(klass) for name in _FORWARD_PATH):
+            return False
+    return False
 
 
 def library_module_rules() -> dict:
