@@ -179,3 +179,262 @@ def test_a_subclass_that_keeps_its_base_forward_is_a_leaf_with_the_base_rule():
     assert ("a", "out", None) in graph.slots and group_with(index, "a").prunable
     prune_exact(model, torch.randn(2, 3, 8, 8))
     assert model.a.out_channels < 8 and type(model.a) is PlainConv
+
+
+# ---- norms written as function calls inside module subclasses -----------------------------------------------------
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d (timm/layers/norm_act.py), its forward copied: F.batch_norm on the module's own
+    buffers and parameters, then an activation module."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+        )
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+class GroupNormAct(nn.GroupNorm):
+    """A GroupNorm subclass calling F.group_norm with its own num_groups (as timm's GroupNormAct)."""
+
+    def __init__(self, num_groups, num_channels):
+        super().__init__(num_groups, num_channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """Channels-first LayerNorm as in timm and ConvNeXt: permute channels last, F.layer_norm, permute back."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class NormActNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = BatchNormAct2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.gn = GroupNormAct(4, 16)
+        self.conv3 = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        y = self.gn(self.conv2(y)) + y
+        return self.fc(self.conv3(y).mean((2, 3)))
+
+
+def test_a_norm_subclass_with_its_own_forward_is_traced_and_its_functional_norm_pruned():
+    model = NormActNet()
+    graph, index = groups_of(model, torch.randn(1, 3, 8, 8))
+    assert not graph.unsupported, graph.unsupported
+    assert ("bn1", "norm", None) in graph.slots and ("gn", "norm", None) in graph.slots
+    assert ("bn1.act", "norm", None) not in graph.slots  # the activation inside is a plain leaf
+    assert group_with(index, "conv1").prunable and group_with(index, "conv1") is group_with(index, "conv2")
+    prune_exact(model, torch.randn(2, 3, 8, 8), sparsity=0.5)
+    assert model.bn1.num_features == model.bn1.running_mean.numel() == model.conv1.out_channels < 16
+    assert model.gn.num_channels == model.conv1.out_channels and model.gn.num_groups < 4  # whole groups went
+    model.train()
+    model(torch.randn(2, 3, 8, 8))  # train mode: F.batch_norm updates the pruned running statistics
+
+
+def test_the_bn_criterion_reads_a_traced_batchnorm_subclass():
+    result = dpruner.prune(NormActNet().eval(), torch.randn(1, 3, 8, 8), sparsity=0.25, method="bn")
+    assert "bn1" in result.plan["modules"]
+
+
+class LayerNorm2dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = LayerNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(self.norm(self.conv1(x))).mean((2, 3))
+
+
+def test_channels_first_layernorm_subclass_prunes_its_weight_and_normalized_shape():
+    """A LayerNorm over the channels is not exact under zeroing (the removed channels count in its statistics), so
+    the pruned model is compared with the original computed on the kept channels only."""
+    model = LayerNorm2dNet().eval()
+    _randomize(model)
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    result = dpruner.prune(model, x, sparsity=0.25)
+    kept = torch.tensor(result.plan["modules"]["conv1"]["out"])
+    assert result.plan["modules"]["norm"] == {"norm": kept.tolist()}
+    assert model.norm.normalized_shape == (len(kept),) and model.conv1.out_channels == len(kept) == 12
+    with torch.no_grad():
+        y = original.conv1(x)[:, kept].permute(0, 2, 3, 1)
+        y = F.layer_norm(y, (len(kept),), original.norm.weight[kept], original.norm.bias[kept]).permute(0, 3, 1, 2)
+        expected = F.conv2d(y, original.conv2.weight[:, kept], original.conv2.bias).mean((2, 3))
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+class FunctionalNorms(nn.Module):
+    """Norms as plain function calls on parameters of a plain module (no norm module to resize)."""
+
+    def __init__(self, fixed: str):
+        super().__init__()
+        self.fixed = fixed
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
+        self.b = nn.Parameter(torch.randn(8) * 0.1)
+        self.register_buffer("mean", torch.randn(8) * 0.1)
+        self.register_buffer("var", torch.rand(8) + 0.5)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        if self.fixed == "batch_norm":
+            y = F.batch_norm(y, self.mean, self.var, self.w, self.b, False)
+        elif self.fixed == "instance_norm":
+            y = F.instance_norm(y, weight=self.w, bias=self.b)
+        elif self.fixed == "group_norm":
+            y = F.group_norm(y, 2, self.w, self.b)
+        else:
+            y = F.layer_norm(y.permute(0, 2, 3, 1), (8,), self.w, self.b).permute(0, 3, 1, 2)
+        return self.conv2(y).mean((2, 3))
+
+
+@pytest.mark.parametrize("fn", ["batch_norm", "instance_norm"])
+def test_functional_norm_on_plain_parameters_slices_them_with_the_channel(fn):
+    model = FunctionalNorms(fn)
+    graph, index = groups_of(model, torch.randn(1, 3, 4, 4))
+    params = {k[2] for k in graph.slots if k[1] == "param"}
+    assert params == ({"w", "b", "mean", "var"} if fn == "batch_norm" else {"w", "b"})
+    prune_exact(model, torch.randn(2, 3, 4, 4), sparsity=0.5)
+    assert model.w.shape == model.b.shape == (4,) and model.conv1.out_channels == 4
+    if fn == "batch_norm":
+        assert model.mean.shape == model.var.shape == (4,)
+
+
+@pytest.mark.parametrize("fn, words", [("group_norm", "group_norm with a fixed number of groups (2)"),
+                                       ("layer_norm", "layer_norm with a fixed normalized_shape [8]")])
+def test_functional_norm_with_a_size_in_the_code_pins_the_channels(fn, words):
+    _, index = groups_of(FunctionalNorms(fn), torch.randn(1, 3, 4, 4))
+    g = group_with(index, "conv1")
+    assert not g.prunable and any(words in r for r in g.reasons), g.reasons
+
+
+# ---- layer scale ---------------------------------------------------------------------------------------------------
+
+
+class LayerScale2d(nn.Module):
+    """timm's LayerScale2d: gamma of shape [C] viewed as (1, C, 1, 1)."""
+
+    def __init__(self, dim, inplace=False):
+        super().__init__()
+        self.inplace = inplace
+        self.gamma = nn.Parameter(1e-5 * torch.ones(dim))
+
+    def forward(self, x):
+        gamma = self.gamma.view(1, -1, 1, 1)
+        return x.mul_(gamma) if self.inplace else x * gamma
+
+
+class LayerScale(nn.Module):
+    """timm's LayerScale (channels last): x * gamma with gamma of shape [C]."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(1e-5 * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class ScaledBlocks(nn.Module):
+    """Layer scale in every form: a (C, 1, 1) parameter (ConvNeXt), [C] viewed or indexed to (1, C, 1, 1), in
+    place, and channels last after a permute."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.c1, self.c2, self.c3, self.c4 = (nn.Conv2d(16, 16, 3, padding=1) for _ in range(4))
+        self.layer_scale = nn.Parameter(torch.ones(16, 1, 1))
+        self.ls2 = LayerScale2d(16)
+        self.ls3 = LayerScale2d(16, inplace=True)
+        self.gamma = nn.Parameter(torch.ones(16))
+        self.fc = nn.Linear(16, 16)
+        self.ls4 = LayerScale(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.layer_scale * self.c1(x)
+        x = x + self.ls2(self.c2(x))
+        x = x + self.ls3(self.c3(x))
+        x = x + self.c4(x) * self.gamma[:, None, None]
+        y = x.permute(0, 2, 3, 1)
+        y = y + self.ls4(self.fc(y))
+        return self.head(y.mean((1, 2)))
+
+
+def test_layer_scale_parameters_are_pruned_with_their_channels():
+    model = ScaledBlocks()
+    graph, index = groups_of(model, torch.randn(1, 3, 4, 4))
+    assert not graph.unsupported, graph.unsupported
+    params = {(k[0], k[2]): s.dim for k, s in graph.slots.items() if k[1] == "param"}
+    assert params == {("", "layer_scale"): 0, ("ls2", "gamma"): 0, ("ls3", "gamma"): 0, ("", "gamma"): 0,
+                      ("ls4", "gamma"): 0}
+    stream = group_with(index, "stem")
+    assert stream.prunable and {"c1", "c2", "c3", "c4", "fc"} <= set(stream.layers)
+    prune_exact(model, torch.randn(2, 3, 4, 4), sparsity=0.25)
+    assert model.layer_scale.shape == (12, 1, 1)
+    assert model.ls2.gamma.shape == model.ls3.gamma.shape == model.gamma.shape == model.ls4.gamma.shape == (12,)
+
+
+def test_a_parameter_viewed_to_a_literal_width_pins_the_channels():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.gamma = nn.Parameter(torch.ones(8))
+            self.out = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.conv(x) * self.gamma.view(1, 8, 1, 1))
+
+    graph, index = groups_of(Fixed(), torch.randn(1, 3, 4, 4))
+    g = group_with(index, "conv")
+    assert not g.prunable and not any(k[1] == "param" for k in graph.slots)
