@@ -141,7 +141,7 @@ def test_a_pooling_op_over_the_channel_dim_pins_it():
     assert not g.prunable and any("max_pool1d" in r and "channel dim" in r for r in g.reasons)
 
 
-@pytest.mark.parametrize("name", ["r3d_18", "mc3_18"])
+@pytest.mark.parametrize("name", ["r3d_18", "mc3_18", "r2plus1d_18"])
 def test_torchvision_video_resnets_prune_to_half_the_macs(name):
     torchvision = pytest.importorskip("torchvision")
     model = getattr(torchvision.models.video, name)().eval()
@@ -438,3 +438,209 @@ def test_a_parameter_viewed_to_a_literal_width_pins_the_channels():
     graph, index = groups_of(Fixed(), torch.randn(1, 3, 4, 4))
     g = group_with(index, "conv")
     assert not g.prunable and not any(k[1] == "param" for k in graph.slots)
+
+
+# ---- channel counts that are constants of the forward code ---------------------------------------------------------
+
+
+def _groups(index, layer: str) -> list:
+    return [g for g in index.groups if any(k[0] == layer and k[1] == "out" for k in g.slots)]
+
+
+def _reasons(index, layer: str) -> list[str]:
+    return [r for g in _groups(index, layer) for r in g.reasons]
+
+
+class Splits(nn.Module):
+    """One way of cutting the channel dim per `how`."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.a = nn.Conv2d(2, 4, 1)
+        self.b = nn.Conv2d(6, 4, 1)
+        self.c = nn.Conv2d(4, 4, 1)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "split_list":
+            p, q = torch.split(y, [2, 6], dim=1)
+            z = torch.cat([self.a(p), self.b(q)], 1)
+        elif self.how == "split_method":
+            p, q = y.split([2, 6], 1)
+            z = torch.cat([self.a(p), self.b(q)], 1)
+        elif self.how == "split_size":
+            p, q = y.split(4, dim=1)
+            z = torch.cat([self.c(p), self.c(q)], 1)
+        elif self.how == "tensor_split_indices":
+            p, q = torch.tensor_split(y, [2], dim=1)
+            z = torch.cat([self.a(p), self.b(q)], 1)
+        else:
+            raise ValueError(self.how)
+        return self.out(z).mean((2, 3))
+
+
+@pytest.mark.parametrize("how, words", [
+    ("split_list", "split: torch.split with fixed sizes [2, 6]"),
+    ("split_method", "split: torch.split with fixed sizes [2, 6]"),
+    ("split_size", "split: torch.split with fixed sizes 4"),
+    ("tensor_split_indices", "tensor_split: tensor_split at fixed positions [2]"),
+])
+def test_split_with_fixed_sizes_pins_its_input_naming_the_node(how, words):
+    model = Splits(how)
+    _, index = groups_of(model, torch.randn(1, 3, 4, 4))
+    assert not any(g.prunable for g in _groups(index, "conv")) and words in _reasons(index, "conv"), \
+        _reasons(index, "conv")
+    prune_exact(model, torch.randn(2, 3, 4, 4), sparsity=0.5)  # the layers after the split still prune
+    assert model.conv.out_channels == 8 and model.out.in_channels < 8
+
+
+class Chunks(nn.Module):
+    """A gated unit: value and gate are the two halves of one conv's output (x.chunk / torch.chunk /
+    tensor_split into sections), so pruning must remove the same positions from both."""
+
+    def __init__(self, how: str, width: int = 16):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.proj = nn.Conv2d(width // 2, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "method":
+            value, gate = y.chunk(2, dim=1)
+        elif self.how == "function":
+            value, gate = torch.chunk(y, 2, 1)
+        elif self.how == "tensor_split":
+            value, gate = torch.tensor_split(y, 2, dim=1)
+        else:
+            value, gate = y.split(y.shape[1] // 2, dim=1)  # reads the channel count: pinned by the shape read
+        return self.fc(self.proj(value * torch.sigmoid(gate)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["method", "function", "tensor_split"])
+def test_chunk_into_equal_pieces_couples_their_positions(how):
+    model = Chunks(how)
+    graph, index = groups_of(model, torch.randn(1, 3, 4, 4))
+    conv = index.slot_classes[("conv", "out", None)]
+    assert conv[:8].tolist() == conv[8:].tolist()  # position j of the value is removed with position j of the gate
+    assert group_with(index, "conv").prunable
+    prune_exact(model, torch.randn(2, 3, 4, 4), sparsity=0.5)
+    assert model.conv.out_channels == 2 * model.proj.in_channels == 8
+
+
+def test_chunk_into_unequal_pieces_pins_and_a_computed_split_size_pins():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 7, 1)
+            self.a = nn.Conv2d(4, 2, 1)
+            self.b = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            p, q = self.conv(x).chunk(2, dim=1)
+            return (self.a(p) + self.b(q)).mean((2, 3))
+
+    _, index = groups_of(Odd(), torch.randn(1, 3, 4, 4))
+    assert "chunk: x.chunk(2) into unequal pieces [4, 3]" in _reasons(index, "conv")
+    _, index = groups_of(Chunks("computed"), torch.randn(1, 3, 4, 4))
+    assert not group_with(index, "conv").prunable and any("channel count" in r for r in _reasons(index, "conv"))
+
+
+class Slices(nn.Module):
+    """GhostNet's `out[:, :self.oup]` after a concat, a slice from a fixed start, one counted from the end and one
+    that covers the whole dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(12, 12, 1)
+        self.d = nn.Conv2d(8, 4, 1)
+        self.e = nn.Conv2d(12, 4, 1)
+        self.f = nn.Conv2d(4, 12, 1)
+        self.g = nn.Conv2d(12, 4, 1)
+        self.h = nn.Conv2d(12, 12, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)[:, :12]  # b's last 4 channels are computed and dropped
+        y = self.c(y)
+        z = self.d(y[:, 4:])  # c's first 4 channels fix where the window starts
+        w = self.e(self.h(y)[:, -12:])  # counted from the end, the whole dim: no constraint
+        v = self.g(self.f(z + w)[:, :64])  # a bound beyond the dim: the whole dim
+        return (z + w + v).mean((2, 3))
+
+
+def test_slices_with_literal_bounds_pin_exactly_the_channels_they_fix():
+    model = Slices()
+    graph, index = groups_of(model, torch.randn(1, 3, 4, 4))
+    b_out = index.slot_classes[("b", "out", None)]
+    blocked = {int(index.roots[c]) for c in b_out[:4]} | {int(index.roots[c]) for c in b_out[4:]}
+    reasons = index.blocked
+    assert all(int(index.roots[c]) in reasons for c in b_out[:4])  # inside [:12]: pinned
+    assert not any(int(index.roots[c]) in reasons for c in b_out[4:])  # dropped by the slice: free
+    assert len(blocked) == 8
+    c_out = index.slot_classes[("c", "out", None)]
+    assert all("slice [4:] of the channel dim with fixed bounds" in " ".join(reasons[int(index.roots[k])])
+               for k in c_out[:4])
+    assert not any(int(index.roots[k]) in reasons for k in c_out[4:])
+    f_out = index.slot_classes[("f", "out", None)]
+    assert not any(int(index.roots[k]) in reasons for k in f_out)
+    prune_exact(model, torch.randn(2, 3, 4, 4), sparsity=0.5)
+    assert model.b.out_channels < 8 and model.d.in_channels < 8 and model.f.out_channels < 12
+
+
+class Views(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8 * 16, 3)
+        self.out = nn.Conv2d(8, 3, 1)
+        self.scale = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        n = x.shape[0]
+        if self.how == "view_literal":
+            return self.out(y.view(n, 8, 4, 4)).mean((2, 3))
+        if self.how == "reshape_literal":
+            return self.out(torch.reshape(y, (n, 8, 16)).unsqueeze(-1)).mean((2, 3))
+        if self.how == "flatten_literal":
+            return self.fc(y.reshape(n, 128))
+        if self.how == "flatten_free":
+            return self.fc(y.view(n, -1))
+        if self.how == "view_free":
+            return self.out(y.view(n, -1, 4, 4)).mean((2, 3))
+        s = self.scale(x).mean((2, 3), keepdim=True)
+        if self.how == "expand_literal":
+            return self.out(y * s.expand(n, 8, 4, 4)).mean((2, 3))
+        if self.how == "expand_free":
+            return self.out(y + s.expand(-1, -1, 4, 4)).mean((2, 3))
+        if self.how == "expand_as":
+            return self.out(y * s.expand_as(y)).mean((2, 3))
+        raise ValueError(self.how)
+
+
+@pytest.mark.parametrize("how, words", [
+    ("view_literal", "view gives the channel dim a fixed size 8"),
+    ("reshape_literal", "reshape gives the channel dim a fixed size 8"),
+    ("flatten_literal", "reshape gives the channel dim a fixed size 128"),
+    ("expand_literal", "expand gives the channel dim a fixed size 8"),
+])
+def test_a_literal_channel_size_in_view_reshape_or_expand_pins_naming_the_node(how, words):
+    _, index = groups_of(Views(how), torch.randn(1, 3, 4, 4))
+    assert not group_with(index, "conv").prunable
+    assert any(words in r for r in _reasons(index, "conv")), _reasons(index, "conv")
+
+
+@pytest.mark.parametrize("how", ["flatten_free", "view_free", "expand_free", "expand_as"])
+def test_a_channel_size_left_to_minus_one_follows_the_pruning(how):
+    model = Views(how)
+    _, index = groups_of(model, torch.randn(1, 3, 4, 4))
+    assert group_with(index, "conv").prunable, _reasons(index, "conv")
+    prune_exact(model, torch.randn(2, 3, 4, 4), sparsity=0.5)
+    assert model.conv.out_channels == 4
