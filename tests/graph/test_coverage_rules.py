@@ -310,6 +310,16 @@ def test_channels_first_layernorm_subclass_prunes_its_weight_and_normalized_shap
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_norm_subclass_without_parameters_is_resized_through_the_module_calling_it():
+    """elementwise_affine=False: no parameter names the module, the module whose forward calls F.layer_norm does."""
+    model = LayerNorm2dNet()
+    model.norm = LayerNorm2d(16, elementwise_affine=False)
+    graph, index = groups_of(model, torch.randn(1, 3, 8, 8))
+    assert ("norm", "norm", None) in graph.slots and group_with(index, "conv1").prunable
+    dpruner.prune(model, torch.randn(1, 3, 8, 8), sparsity=0.25)
+    assert model.norm.normalized_shape == (12,) and model(torch.randn(1, 3, 8, 8)).shape == (1, 4)
+
+
 class FunctionalNorms(nn.Module):
     """Norms as plain function calls on parameters of a plain module (no norm module to resize)."""
 
@@ -644,3 +654,31 @@ def test_a_channel_size_left_to_minus_one_follows_the_pruning(how):
     assert group_with(index, "conv").prunable, _reasons(index, "conv")
     prune_exact(model, torch.randn(2, 3, 4, 4), sparsity=0.5)
     assert model.conv.out_channels == 4
+
+
+def test_a_resized_layers_own_parameter_read_in_the_forward_keeps_its_width():
+    """`x * self.bn.weight[:, None, None]` would be sliced by BatchNorm's resizer and again as a coupled parameter:
+    the channels of both keep their width instead of breaking the model."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.bn = nn.BatchNorm2d(8)
+            self.c2 = nn.Conv2d(3, 8, 1)
+            self.out = nn.Conv2d(8, 2, 1)
+            self.o2 = nn.Conv2d(8, 2, 1)
+            self.side = nn.Conv2d(3, 4, 1)
+            self.o3 = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.out(self.bn(self.conv(x))) + self.o2(self.c2(x) * self.bn.weight[:, None, None])
+            return (y + self.o3(self.side(x))).mean((2, 3))
+
+    model = Net()
+    _, index = groups_of(model, torch.randn(1, 3, 4, 4))
+    for layer in ("conv", "c2"):
+        assert "bn.weight: a parameter of a layer that is resized, read directly in the forward" in \
+            _reasons(index, layer)
+    prune_exact(model, torch.randn(2, 3, 4, 4), sparsity=0.5)
+    assert model.bn.num_features == 8 and model.side.out_channels == 2
