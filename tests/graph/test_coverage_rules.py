@@ -71,7 +71,8 @@ def prune_exact(model: nn.Module, x: torch.Tensor, *, atol: float = 1e-5, **kw) 
     reference = copy.deepcopy(model)
     with torch.no_grad():
         original = reference(x)
-    kw.setdefault("sparsity", 0.3) if "ratio" not in kw else None
+    if "ratio" not in kw:
+        kw.setdefault("sparsity", 0.3)
     result = dpruner.prune(model, x, **kw)
     assert result.plan["modules"], "nothing was pruned"
     _zero_by_plan(reference, result.plan)
@@ -588,11 +589,9 @@ def test_slices_with_literal_bounds_pin_exactly_the_channels_they_fix():
     model = Slices()
     graph, index = groups_of(model, torch.randn(1, 3, 4, 4))
     b_out = index.slot_classes[("b", "out", None)]
-    blocked = {int(index.roots[c]) for c in b_out[:4]} | {int(index.roots[c]) for c in b_out[4:]}
     reasons = index.blocked
     assert all(int(index.roots[c]) in reasons for c in b_out[:4])  # inside [:12]: pinned
     assert not any(int(index.roots[c]) in reasons for c in b_out[4:])  # dropped by the slice: free
-    assert len(blocked) == 8
     c_out = index.slot_classes[("c", "out", None)]
     assert all("slice [4:] of the channel dim with fixed bounds" in " ".join(reasons[int(index.roots[k])])
                for k in c_out[:4])
