@@ -56,8 +56,9 @@ def factory_exits(num_classes: int = 10):
 
 
 class SplitNet(nn.Module):
-    """`torch.split` with literal sizes: the engine prunes the split input without the sizes (an engine bug that
-    the coverage work fixes; until then it must be reported as dpruner's fault, exit 70, nothing written)."""
+    """`torch.split` with literal sizes: the sizes are constants of the code, so the engine pins the split input's
+    channels (naming the node) and prunes the layers after it. Tests plant a faulty split rule on it to check that
+    an engine fault is reported as dpruner's own (exit 70, nothing written)."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()

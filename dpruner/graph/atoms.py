@@ -96,10 +96,24 @@ class Chan:
 
 @dataclass(frozen=True)
 class ParamRef:
-    """A parameter or buffer read by a get_attr node (e.g. ViT's position embedding, a LayerNorm weight)."""
+    """A parameter or buffer read by a get_attr node (e.g. ViT's position embedding, a LayerNorm weight), or a view
+    of one that only adds, drops or reorders dims, or an element-wise function of one (`self.gamma.view(1, -1, 1, 1)`,
+    `self.gamma[:, None, None]`, `self.scale.float()`): slicing the parameter slices such a value alike.
+
+    shape: the shape of this value; dims: for each of its dims, the parameter's dim it runs along (None for a
+    size-1 dim a view inserted), or None when it is the parameter itself."""
 
     target: str
     shape: tuple[int, ...]
+    dims: tuple[int | None, ...] | None = None
+
+    def param_dim(self, d: int) -> int | None:
+        """The parameter's dim that dim `d` of this value runs along (None: a size-1 dim added by a view)."""
+        return d if self.dims is None else self.dims[d]
+
+    def view(self, shape, dims) -> "ParamRef":
+        """This parameter seen through a view: `dims[i]` is the dim of *this value* that new dim i runs along."""
+        return ParamRef(self.target, tuple(shape), tuple(None if d is None else self.param_dim(d) for d in dims))
 
 
 @dataclass(frozen=True)

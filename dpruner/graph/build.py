@@ -269,6 +269,16 @@ def build_graph(
     )
     for trace in traces if traces is not None else trace_model(model, example, leaf_modules=leaf_modules):
         builder.run(trace)
+    # A parameter of a layer that surgery resizes as a whole (a BatchNorm's weight, a conv's bias) used directly in
+    # the forward (`y * self.bn.weight.view(1, -1, 1, 1)`) would be sliced twice: once by its layer's resizer, once
+    # as a coupled parameter. Both sets of channels keep their width instead.
+    resized = {key[0] for key in builder.slots if key[1] != "param"}
+    for (module, role, param) in list(builder.slots):
+        if role == "param" and module in resized:
+            for slot in builder.slots.values():
+                if slot.module == module:
+                    builder.atoms.block(slot.atoms, f"{module}.{param}: a parameter of a layer that is resized, read "
+                                                    "directly in the forward")
     for module, reason in builder.frozen.items():  # a parameter read by an op we do not know keeps its shape
         for slot in builder.slots.values():
             if slot.module == module:

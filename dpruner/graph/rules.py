@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpruner.graph.atoms import Chan, Opaque, ParamRef, ShapeOf
+from dpruner.graph.tracer import owner_of
 
 
 def _arg(node, index: int, name: str, default=None):
@@ -49,22 +50,35 @@ def _layer_input(b, node, axis: int, what: str):
 
 
 def passthrough(b, node, *_):
-    """Element-wise on each position (activations, dropout, clone, dtype casts): labels unchanged."""
+    """Element-wise on each position (activations, dropout, clone, dtype casts): labels unchanged. On a parameter
+    the result is still indexed like the parameter (slicing commutes with element-wise ops), so it stays a ParamRef
+    (`x * self.gamma.float()` slices gamma with x's channels)."""
     value = b.val(node.args[0]) if node.args else b.val(next(iter(node.kwargs.values()), None))
-    if isinstance(value, ParamRef):
-        return b.unknown(node, "element-wise op on a parameter")
     return value
 
 
-def spatial(b, node, *_):
-    """Pooling/upsampling over the trailing two dims: channels must lie before them."""
-    arg, x = _input(b, node)
-    if not isinstance(x, Chan):
-        return x
-    ndim = _ndim(b, arg)
-    if ndim is None or x.axis >= ndim - 2:
-        return b.unknown(node, "spatial op over the channel dim")
-    return x
+def _spatial(k: int | None):
+    """The rule of a pooling/padding/upsampling op over the trailing `k` dims (None: every dim after the batch and
+    channel dims, as F.interpolate): channels must lie before them. Ops that also return indices (max pooling with
+    return_indices=True) label both outputs alike."""
+
+    def spatial(b, node, *_):
+        arg, x = _input(b, node)
+        pair = hasattr(node.meta.get("tensor_meta"), "__len__")  # (values, indices)
+        if isinstance(x, ParamRef):
+            return b.unknown(node, "spatial op on a parameter")
+        if isinstance(x, Chan):
+            ndim = _ndim(b, arg)
+            dims = None if ndim is None else (ndim - 2 if k is None else k)
+            if ndim is None or x.axis >= ndim - dims:
+                return b.unknown(node, "spatial op over the channel dim")
+        return (x, x) if pair else x
+
+    spatial.__name__ = f"spatial{k if k is not None else 'N'}d"
+    return spatial
+
+
+spatial = _spatial(2)  # (kept for rules written against the old name: 2-D ops)
 
 
 def no_tensor(b, node, *_):
@@ -241,9 +255,9 @@ def binary(b, node):
             if width == size:
                 b.atoms.union_pairwise(atoms, value.atoms)
         elif isinstance(value, ParamRef):
-            if width == size and size > 1:
+            if width == size and size > 1:  # (a dim a view inserted has size 1, so param_dim is not None here)
                 module, param = b.param_ref(value)
-                b.slot(module, "param", atoms, param=param, dim=own)
+                b.slot(module, "param", atoms, param=param, dim=value.param_dim(own))
         elif width == size and size > 1:
             b.atoms.block(atoms, f"{node.name}: combined with a tensor of full channel size that cannot be sliced")
     return Chan(axis, atoms)
@@ -289,12 +303,25 @@ def stack(b, node):
     return Chan(axis + 1 if dim <= axis else axis, values[0].atoms)
 
 
+def _op_name(node) -> str:
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
 def split(b, node):
-    """chunk/split/tensor_split: on the channel dim each piece gets its share of the labels."""
+    """chunk/split/tensor_split: on the channel dim each piece gets its share of the labels.
+
+    The pieces' sizes are constants of the forward code (`chunk(2)`, `split([2, 6])`), so pruning must keep them
+    valid. Equal pieces (chunk, tensor_split into n sections, when the dim divides evenly) stay equal when the same
+    positions go from every piece: position j of each piece is coupled with position j of the others (a GLU's
+    value and gate lose the same channels). Fixed piece sizes (`split` with a size or a list of sizes,
+    `tensor_split` at indices) cannot follow a pruned input: the input's channels are pinned, naming the node.
+    """
     arg, x = _input(b, node)
     metas = node.meta.get("tensor_meta")
     if metas is None or hasattr(metas, "shape"):
         return b.unknown(node, "split without shape information")
+    if isinstance(x, ParamRef):
+        return b.unknown(node, "split of a parameter")
     if not isinstance(x, Chan):
         return tuple(x for _ in metas)
     dim = _arg(node, 2, "dim", 0) % _ndim(b, arg)
@@ -305,6 +332,25 @@ def split(b, node):
         n = tuple(meta.shape)[dim]
         pieces.append(Chan(x.axis, x.atoms[start : start + n]))
         start += n
+    sizes = [len(p) for p in pieces]
+    op = _op_name(node)
+    how = node.args[1] if len(node.args) > 1 else next(
+        (node.kwargs[k] for k in ("chunks", "split_size_or_sections", "split_size", "indices_or_sections",
+                                  "sections", "indices") if k in node.kwargs), None)
+    if len(pieces) == 1 and (op == "chunk" or isinstance(how, int)):
+        return tuple(pieces)  # one piece, whatever the width (chunk(1), split(n) with n >= the width)
+    equal_sections = (op == "chunk" or (op == "tensor_split" and "indices" not in node.kwargs)) and \
+        isinstance(how, int) and len(pieces) == how and len(set(sizes)) == 1
+    if equal_sections:
+        for piece in pieces[1:]:
+            b.atoms.union_pairwise(pieces[0].atoms, piece.atoms)
+        return tuple(pieces)
+    shown = how if isinstance(how, int) else list(how) if isinstance(how, (list, tuple)) else "computed"
+    if isinstance(how, (list, tuple)) and any(isinstance(v, torch.fx.Node) for v in how):
+        shown = "computed"
+    what = {"chunk": f"x.chunk({how}) into unequal pieces {sizes}",
+            "tensor_split": f"tensor_split at fixed positions {shown}"}.get(op, f"torch.split with fixed sizes {shown}")
+    b.atoms.block(x.atoms, f"{node.name}: {what}")
     return tuple(pieces)
 
 
@@ -324,10 +370,10 @@ def getitem(b, node):
         if isinstance(index, (int, slice)):
             return base[index]
         return b.unknown(node, "indexing a tuple with a computed index")
-    if isinstance(base, ParamRef):
-        return b.unknown(node, "indexing a parameter")
     items = index if isinstance(index, tuple) else (index,)
-    in_ndim = _ndim(b, node.args[0])
+    in_ndim = len(base.shape) if isinstance(base, ParamRef) else _ndim(b, node.args[0])
+    if in_ndim is None:
+        return b.unknown(node, "indexing without shape information")
     consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
     expanded: list = []
     for item in items:
@@ -335,6 +381,17 @@ def getitem(b, node):
             expanded.extend([slice(None)] * (in_ndim - consumed))
         else:
             expanded.append(item)
+    if isinstance(base, ParamRef):  # only views: self.gamma[:, None, None], self.scale[None, ...]
+        if any(i is not None and i != slice(None) for i in expanded):
+            return b.unknown(node, "indexing a parameter")
+        dims, d = [], 0
+        for item in expanded:
+            dims.append(None if item is None else d)
+            d += item is not None
+        dims.extend(range(d, in_ndim))
+        shape = b.shape(node)
+        return base.view(shape, dims) if shape is not None and len(shape) == len(dims) else \
+            b.unknown(node, "indexing a parameter")
     in_dim, out_dim = 0, 0
     for item in expanded:
         if item is None:
@@ -344,6 +401,7 @@ def getitem(b, node):
             if in_dim == base.axis:
                 if any(isinstance(v, torch.fx.Node) for v in (item.start, item.stop, item.step)):
                     return b.unknown(node, "slicing the channel dim with computed bounds")
+                _pin_fixed_slice(b, node, base.atoms, item)
                 return Chan(out_dim, base.atoms[item])
             in_dim += 1
             out_dim += 1
@@ -356,10 +414,38 @@ def getitem(b, node):
     return Chan(base.axis - in_dim + out_dim, base.atoms)
 
 
+def _pin_fixed_slice(b, node, atoms: np.ndarray, item: slice) -> None:
+    """A slice of the channel dim with literal bounds (`x[:, :16]`, `x[:, 4:]`, `x[:, -8:]`) selects positions
+    counted from the start or the end of the dim, and those counts do not change when channels are removed. Removing
+    a channel shifts every position after it (and, counted from the end, every position before it), so the channels
+    between the dim's start and a bound counted from the start, and between a bound counted from the end and the
+    dim's end, are pinned; the others may go (inside the selection the output shrinks with them; outside it they are
+    computed and dropped). A bound beyond the dim (`x[:, :64]` of 64 channels) is no constraint: the slice covers
+    the whole dim at any width. A step other than 1 pins every channel."""
+    n = len(atoms)
+    start, stop, step = item.start, item.stop, item.step
+    pinned = np.zeros(n, dtype=bool)
+    if step not in (None, 1):
+        pinned[:] = True
+    for bound in (start, stop):
+        if bound is None or bound >= n or bound <= -n:
+            continue  # the dim's own start or end: moves with the width
+        if bound >= 0:
+            pinned[:bound] = True
+        else:
+            pinned[n + bound:] = True
+    if pinned.any():
+        text = f"{start if start is not None else ''}:{stop if stop is not None else ''}" + (
+            f":{step}" if step not in (None, 1) else "")
+        b.atoms.block(atoms[pinned], f"{node.name}: slice [{text}] of the channel dim with fixed bounds")
+
+
 def pad(b, node):
     """F.pad: zero channels added on the channel dim (CIFAR ResNet option-A shortcut) get 'zero' atoms; pruning
     shrinks the padding with the channels they are added to."""
     arg, x = _input(b, node)
+    if isinstance(x, ParamRef):
+        return b.unknown(node, "pad of a parameter")
     if not isinstance(x, Chan):
         return x
     widths = _arg(node, 1, "pad")
@@ -381,6 +467,8 @@ def pad(b, node):
 
 def _flatten(b, node, arg, start: int, end: int):
     x = b.val(arg)
+    if isinstance(x, ParamRef):
+        return _reshape_param(b, node, x, None)
     shape = b.shape(arg)
     if not isinstance(x, Chan) or shape is None:
         return x
@@ -402,10 +490,59 @@ def flatten_fn(b, node):
     return _flatten(b, node, node.args[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
 
 
+def _shape_args(node) -> list | None:
+    """The shape requested by view/reshape/expand, as written in the code (ints, -1, fx Nodes), or None."""
+    if node.op == "call_method":
+        rest = node.args[1:]
+        if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+            rest = rest[0]
+        rest = rest or node.kwargs.get("shape", node.kwargs.get("size"))
+    else:
+        rest = _arg(node, 1, "shape")
+    return list(rest) if isinstance(rest, (list, tuple)) else None
+
+
+def _fixed_size(node, dim: int, out_ndim: int) -> str | None:
+    """Why output dim `dim` of a view/reshape/expand has a size the code fixes (a literal such as 16, or a value
+    computed in the forward), or None when the code leaves it free (-1), so it follows a pruned width."""
+    args = _shape_args(node)
+    if args is None or len(args) != out_ndim:
+        return "a shape dpruner cannot read"
+    value = args[dim]
+    if isinstance(value, int) and value == -1:
+        return None
+    return f"a fixed size {value}" if isinstance(value, int) else "a size computed in the forward"
+
+
+def _reshape_param(b, node, ref: ParamRef, out_shape):
+    """view/reshape/flatten of a parameter that only adds or drops size-1 dims (`self.gamma.view(1, -1, 1, 1)`):
+    a view of it. A dim longer than 1 must be written -1 in the code (its length follows the pruned parameter);
+    anything else (merging dims, a literal length) is an op dpruner does not follow on a parameter."""
+    out_shape = b.shape(node) if out_shape is None else out_shape
+    if out_shape is None:
+        return b.unknown(node, "reshape of a parameter without shape information")
+    src = [d for d, n in enumerate(ref.shape) if n != 1]
+    dst = [d for d, n in enumerate(out_shape) if n != 1]
+    if [ref.shape[d] for d in src] != [out_shape[d] for d in dst]:
+        return b.unknown(node, "reshape of a parameter that merges or splits its dims")
+    written = (node.op == "call_method" and node.target in ("view", "reshape")) or \
+        (node.op == "call_function" and node.target is torch.reshape)
+    if written and any(_fixed_size(node, d, len(out_shape)) for d in dst):
+        return b.unknown(node, "reshape of a parameter to a fixed size")
+    dims: list = [None] * len(out_shape)
+    for s_dim, d_dim in zip(src, dst):
+        dims[d_dim] = s_dim
+    return ref.view(out_shape, dims)
+
+
 def reshape(b, node):
     """view/reshape: fine when the channel dim survives whole, or merges with the dims after it (flatten);
-    anything that splits or mixes it (channel shuffle) is unknown."""
+    anything that splits or mixes it (channel shuffle) is unknown. The output dim holding the channels must be
+    written -1 in the code (`x.view(n, -1)`): a literal (`x.view(n, 16, h * w)`) or a computed size cannot follow
+    a pruned width, so it pins the channels, naming the node."""
     arg, x = _input(b, node)
+    if isinstance(x, ParamRef):
+        return _reshape_param(b, node, x, None)
     if not isinstance(x, Chan):
         return x
     in_shape, out_shape = b.shape(arg), b.shape(node)
@@ -416,58 +553,110 @@ def reshape(b, node):
     for k in range(len(out_shape)):
         if math.prod(out_shape[:k]) != pre:
             continue
+        result = None
         if out_shape[k] == size:
-            return Chan(k, x.atoms)
-        trailing = 1
-        for d in range(x.axis + 1, len(in_shape) + 1):
-            if out_shape[k] == size * trailing:
-                return Chan(k, np.repeat(x.atoms, trailing))
-            if d < len(in_shape):
-                trailing *= in_shape[d]
+            result = Chan(k, x.atoms)
+        else:
+            trailing = 1
+            for d in range(x.axis + 1, len(in_shape) + 1):
+                if out_shape[k] == size * trailing:
+                    result = Chan(k, np.repeat(x.atoms, trailing))
+                    break
+                if d < len(in_shape):
+                    trailing *= in_shape[d]
+        if result is not None:
+            fixed = _fixed_size(node, k, len(out_shape)) if size > 1 else None
+            if fixed:
+                b.atoms.block(x.atoms, f"{node.name}: {_op_name(node)} gives the channel dim {fixed}")
+            return result
     return b.unknown(node, f"reshape {list(in_shape)} -> {list(out_shape)} splits or mixes the channel dim")
+
+
+def expand(b, node):
+    """x.expand(*sizes): the channel dim keeps its width only when the code writes -1 for it; a literal or computed
+    width pins the channels. A size-1 dim expanded to the channel width is not a channel dim of x."""
+    arg, x = _input(b, node)
+    if isinstance(x, ParamRef):
+        return b.unknown(node, "expand of a parameter")
+    if not isinstance(x, Chan):
+        return x
+    in_shape, out_shape = b.shape(arg), b.shape(node)
+    if in_shape is None or out_shape is None:
+        return b.unknown(node, "expand without shape information")
+    axis = x.axis + len(out_shape) - len(in_shape)
+    if out_shape[axis] != len(x):
+        return b.unknown(node, "expand of the channel dim")
+    fixed = _fixed_size(node, axis, len(out_shape)) if len(x) > 1 else None
+    if fixed:
+        b.atoms.block(x.atoms, f"{node.name}: expand gives the channel dim {fixed}")
+    return Chan(axis, x.atoms)
+
+
+# permute/transpose/unsqueeze/squeeze move the channel axis; on a parameter they make a view of it (ParamRef.view).
+
+
+def _param_moved(b, node, ref: ParamRef, order: list):
+    """A parameter seen through a permutation/insertion/removal of dims: `order[i]` is the source dim of output
+    dim i (None for an inserted size-1 dim)."""
+    shape = b.shape(node)
+    if shape is None or len(shape) != len(order):
+        return b.unknown(node, f"{_op_name(node)} of a parameter without shape information")
+    return ref.view(shape, order)
 
 
 def permute(b, node):
     arg, x = _input(b, node)
-    if not isinstance(x, Chan):
+    if not isinstance(x, (Chan, ParamRef)):
         return x
     dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
     if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
         dims = dims[0]
     ndim = len(dims)
     dims = [d % ndim for d in dims]
+    if isinstance(x, ParamRef):
+        return _param_moved(b, node, x, dims)
     return Chan(dims.index(x.axis), x.atoms)
 
 
 def transpose(b, node):
     arg, x = _input(b, node)
-    if not isinstance(x, Chan):
+    if not isinstance(x, (Chan, ParamRef)):
         return x
-    ndim = _ndim(b, arg)
+    ndim = len(x.shape) if isinstance(x, ParamRef) else _ndim(b, arg)
     d0, d1 = _arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim
+    if isinstance(x, ParamRef):
+        order = list(range(ndim))
+        order[d0], order[d1] = d1, d0
+        return _param_moved(b, node, x, order)
     axis = d1 if x.axis == d0 else d0 if x.axis == d1 else x.axis
     return Chan(axis, x.atoms)
 
 
 def unsqueeze(b, node):
     arg, x = _input(b, node)
-    if not isinstance(x, Chan):
+    if not isinstance(x, (Chan, ParamRef)):
         return x
     dim = _arg(node, 1, "dim") % _ndim(b, node)
+    if isinstance(x, ParamRef):
+        order: list = list(range(len(x.shape)))
+        order.insert(dim, None)
+        return _param_moved(b, node, x, order)
     return Chan(x.axis + 1 if dim <= x.axis else x.axis, x.atoms)
 
 
 def squeeze(b, node):
     arg, x = _input(b, node)
-    if not isinstance(x, Chan):
+    if not isinstance(x, (Chan, ParamRef)):
         return x
-    in_shape = b.shape(arg)
+    in_shape = x.shape if isinstance(x, ParamRef) else b.shape(arg)
     dims = _arg(node, 1, "dim")
     if dims is None:
         dims = [d for d, s in enumerate(in_shape) if s == 1]
     elif isinstance(dims, int):
         dims = [dims]
     dims = {d % len(in_shape) for d in dims if in_shape[d % len(in_shape)] == 1}
+    if isinstance(x, ParamRef):
+        return _param_moved(b, node, x, [d for d in range(len(in_shape)) if d not in dims])
     if x.axis in dims:
         return b.unknown(node, "squeeze of a one-channel dim")
     return Chan(x.axis - sum(1 for d in dims if d < x.axis), x.atoms)
@@ -478,6 +667,8 @@ def reduce(b, node):
     arg, x = _input(b, node)
     meta = node.meta.get("tensor_meta")
     pair = meta is not None and not hasattr(meta, "shape")  # max/min with a dim return (values, indices)
+    if isinstance(x, ParamRef):
+        return b.unknown(node, "reduction of a parameter")
     if not isinstance(x, Chan):
         return (x, x) if pair else x
     in_shape = b.shape(arg)
@@ -495,6 +686,8 @@ def reduce(b, node):
 
 def _softmax(b, node, dim):
     arg, x = _input(b, node)
+    if isinstance(x, ParamRef):
+        return b.unknown(node, "softmax of a parameter")
     if not isinstance(x, Chan):
         return x
     if dim is None or dim % _ndim(b, arg) == x.axis:
@@ -506,25 +699,112 @@ def softmax(b, node):
     return _softmax(b, node, _arg(node, 1, "dim"))
 
 
+# ---- norms written as function calls (inside module subclasses that override forward) ----------------------------
+#
+# F.batch_norm, F.instance_norm, F.group_norm and F.layer_norm take their per-channel tensors as arguments. When
+# those are parameters or buffers (get_attr: ParamRef), they are sliced with the channel. When they all belong to one
+# norm module of the matching kind (timm's BatchNormAct2d, a GroupNorm or LayerNorm subclass), the module gets a
+# 'norm' slot, so surgery also updates its size attributes (num_features, num_groups, normalized_shape) and
+# criteria see it as a norm; the forward is trusted to pass those attributes, as the base class's forward does.
+# Sizes that are constants of the code (a literal num_groups or normalized_shape with parameters that belong to no
+# such module) cannot follow a pruned width: the channels are pinned, naming the node.
+
+
+def _norm_tensors(b, node, x: Chan, names: dict):
+    """The per-channel tensor arguments of a functional norm (`names`: argument name -> position) as
+    {name: ParamRef}; a reason string when one is not a 1-D parameter of the channel width (a computed tensor)."""
+    refs = {}
+    for name, index in names.items():
+        arg = _arg(node, index, name)
+        if arg is None:
+            continue
+        value = b.val(arg)
+        if not isinstance(value, ParamRef):
+            return f"{name} is computed in the forward, not a parameter"
+        if len(value.shape) != 1 or value.shape[0] != len(x) or value.param_dim(0) is None:
+            return f"{name} is not a per-channel vector"
+        refs[name] = value
+    return refs
+
+
+def _norm_slots(b, node, x: Chan, refs: dict, module_type: type, attrs: tuple) -> nn.Module | None:
+    """Slot the norm's tensors: one 'norm' slot when they are `attrs` of a single `module_type` module (returned),
+    else one 'param' slot per tensor (None returned). Without tensors (affine=False), the module whose forward
+    makes the call counts, if it is a `module_type`."""
+    owners = {b.param_ref(ref) for ref in refs.values()}
+    modules = {owner for owner, _ in owners} if refs else {owner_of(node)}
+    if len(modules) == 1 and all(attr in attrs for _, attr in owners):
+        (name,) = modules
+        module = b.modules.get(name)
+        if isinstance(module, module_type):
+            b.slot(name, "norm", x.atoms)
+            return module
+    for ref in refs.values():
+        owner, attr = b.param_ref(ref)
+        b.slot(owner, "param", x.atoms, param=attr, dim=ref.param_dim(0))
+    return None
+
+
+_NORM_ARGS = {"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}  # same positions in both functions
+
+
+def batch_norm_fn(b, node):
+    """F.batch_norm / F.instance_norm(input, running_mean, running_var, weight, bias, ...): per-channel tensors on
+    dim 1, no sizes in the call."""
+    instance = node.target is F.instance_norm
+    what = "instance_norm" if instance else "batch_norm"
+    x = _layer_input(b, node, 1, what)
+    if x is None or x.axis != 1:
+        return b.unknown(node, f"{what} on a tensor whose channels are not on dim 1")
+    refs = _norm_tensors(b, node, x, _NORM_ARGS)
+    if isinstance(refs, str):
+        return b.unknown(node, f"{what}: {refs}")
+    kind = nn.modules.instancenorm._InstanceNorm if instance else nn.modules.batchnorm._BatchNorm
+    module = _norm_slots(b, node, x, refs, kind, tuple(_NORM_ARGS))
+    if module is not None and module.num_features != len(x):
+        b.atoms.block(x.atoms, f"{node.name}: {what} with the tensors of a module of another width")
+    return x
+
+
+def group_norm_fn(b, node):
+    """F.group_norm(input, num_groups, weight, bias, eps): as the GroupNorm module (whole groups go) when weight and
+    bias are a GroupNorm's own and num_groups is its num_groups (surgery updates it). Otherwise num_groups is a
+    constant of the code: it cannot shrink with the groups, so the channels are pinned."""
+    x = _layer_input(b, node, 1, "group_norm")
+    groups = _arg(node, 1, "num_groups")
+    if x is None or x.axis != 1 or not isinstance(groups, int) or groups < 1 or len(x) % groups:
+        return b.unknown(node, "group_norm on a tensor whose channels are not on dim 1, or with computed groups")
+    refs = _norm_tensors(b, node, x, {"weight": 2, "bias": 3})
+    if isinstance(refs, str):
+        return b.unknown(node, f"group_norm: {refs}")
+    _union_rows(b, x.atoms.reshape(groups, -1))  # each group is one class, as for the module
+    module = _norm_slots(b, node, x, refs, nn.GroupNorm, ("weight", "bias"))
+    if module is None or module.num_groups != groups or module.num_channels != len(x):
+        b.atoms.block(x.atoms, f"{node.name}: group_norm with a fixed number of groups ({groups})")
+    return x
+
+
 def layer_norm_fn(b, node):
     """F.layer_norm(x, normalized_shape, weight, bias): as the LayerNorm module, with the parameters read by
-    get_attr (torchvision's LayerNorm2d traces into this)."""
+    get_attr (torchvision's and timm's LayerNorm2d permute channels last and call it). Over the channel dim, the
+    normalized_shape is a size in the call: it follows the pruning only when weight and bias are a LayerNorm's own
+    and the call passes its normalized_shape (surgery updates it); otherwise the channels are pinned."""
     arg, value = _input(b, node)
     ndim = _ndim(b, arg)
     normalized = _arg(node, 1, "normalized_shape")
-    params = [b.val(_arg(node, 2, "weight")), b.val(_arg(node, 3, "bias"))]
+    if ndim is None or not isinstance(normalized, (list, tuple)) or not all(isinstance(n, int) for n in normalized):
+        return b.unknown(node, "layer_norm with a computed normalized_shape")
     if isinstance(value, Chan) and value.axis < ndim - len(normalized):
-        return value
+        return value  # channels are not normalized over: per-channel nothing changes
     x = _layer_input(b, node, -1, "layer_norm")
-    if len(normalized) != 1 or x.axis != ndim - 1:
+    if x is None or len(normalized) != 1 or x.axis != ndim - 1:
         return b.unknown(node, "layer_norm over the channel dim and others together")
-    for ref in params:
-        if isinstance(ref, ParamRef):
-            module, param = b.param_ref(ref)
-            if isinstance(b.modules.get(module), nn.LayerNorm):
-                b.slot(module, "norm", x.atoms)  # surgery also updates normalized_shape
-            else:
-                b.slot(module, "param", x.atoms, param=param, dim=0)
+    refs = _norm_tensors(b, node, x, {"weight": 2, "bias": 3})
+    if isinstance(refs, str):
+        return b.unknown(node, f"layer_norm: {refs}")
+    module = _norm_slots(b, node, x, refs, nn.LayerNorm, ("weight", "bias"))
+    if module is None or tuple(module.normalized_shape) != tuple(normalized):
+        b.atoms.block(x.atoms, f"{node.name}: layer_norm with a fixed normalized_shape {list(normalized)}")
     return x
 
 
@@ -535,11 +815,13 @@ _ELEMENTWISE_MODULES = (
     nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout, nn.Threshold, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
 )
-_SPATIAL_MODULES = (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-    nn.ConstantPad2d,
-)
+# Spatial ops by how many trailing dims they work over (None: all dims after batch and channel, as Upsample).
+_SPATIAL_MODULES: dict = {
+    **{getattr(nn, f"{kind}{k}d"): k for k in (1, 2, 3) for kind in (
+        "MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "LPPool", "ZeroPad", "ReflectionPad",
+        "ReplicationPad", "ConstantPad", "CircularPad") if hasattr(nn, f"{kind}{k}d")},
+    nn.Upsample: None, nn.UpsamplingNearest2d: 2, nn.UpsamplingBilinear2d: 2,
+}
 
 MODULE_RULES: dict = {
     nn.Conv1d: conv, nn.Conv2d: conv, nn.Conv3d: conv,
@@ -554,7 +836,7 @@ MODULE_RULES: dict = {
     nn.Softmax: softmax_module,
     nn.LogSoftmax: softmax_module,
     **{cls: passthrough for cls in _ELEMENTWISE_MODULES},
-    **{cls: spatial for cls in _SPATIAL_MODULES},
+    **{cls: _spatial(k) for cls, k in _SPATIAL_MODULES.items()},
 }
 
 _ELEMENTWISE_FUNCTIONS = (
@@ -563,14 +845,17 @@ _ELEMENTWISE_FUNCTIONS = (
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.exp, torch.abs, torch.neg, operator.neg,
     torch.clamp, torch.clip, torch.erf, torch.sqrt, torch.rsqrt, torch.square, F.logsigmoid, torch.nn.functional.threshold,
 )
-_SPATIAL_FUNCTIONS = (
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d, F.interpolate,
-    F.upsample, F.upsample_nearest, F.upsample_bilinear, torch.max_pool2d, torch.adaptive_avg_pool1d,
-)
+_SPATIAL_FUNCTIONS: dict = {
+    **{getattr(F, f"{kind}{k}d"): k for k in (1, 2, 3) for kind in (
+        "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool") if hasattr(F, f"{kind}{k}d")},
+    **{getattr(torch, f"{kind}{k}d"): k for k in (1, 2, 3) for kind in (
+        "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool") if hasattr(torch, f"{kind}{k}d")},
+    F.interpolate: None, F.upsample: None, F.upsample_nearest: None, F.upsample_bilinear: None,
+}
 
 FUNCTION_RULES: dict = {
     **{fn: passthrough for fn in _ELEMENTWISE_FUNCTIONS},
-    **{fn: spatial for fn in _SPATIAL_FUNCTIONS},
+    **{fn: _spatial(k) for fn, k in _SPATIAL_FUNCTIONS.items()},
     operator.add: binary, operator.sub: binary, operator.mul: binary, operator.truediv: binary,
     operator.iadd: binary, operator.isub: binary, operator.imul: binary, operator.itruediv: binary,
     torch.add: binary, torch.sub: binary, torch.mul: binary, torch.div: binary, torch.maximum: binary,
@@ -586,7 +871,8 @@ FUNCTION_RULES: dict = {
     torch.unsqueeze: unsqueeze, torch.squeeze: squeeze,
     torch.mean: reduce, torch.sum: reduce, torch.amax: reduce, torch.amin: reduce,
     F.softmax: softmax, torch.softmax: softmax, F.log_softmax: softmax,
-    F.layer_norm: layer_norm_fn,
+    F.layer_norm: layer_norm_fn, F.batch_norm: batch_norm_fn, F.instance_norm: batch_norm_fn,
+    F.group_norm: group_norm_fn,
     builtins.getattr: size, torch._assert: no_tensor,
     **{op: compare for op in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
 }
@@ -605,6 +891,7 @@ METHOD_RULES: dict = {
         "square", "hardtanh_")},
     **{m: binary for m in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "__add__", "__mul__")},
     "chunk": split, "split": split, "tensor_split": split,
+    "expand": expand, "expand_as": binary,
     "flatten": flatten_fn,
     "view": reshape, "reshape": reshape,
     "permute": permute, "transpose": transpose, "swapaxes": transpose,
@@ -622,6 +909,24 @@ SHAPE_PRESERVING_FUNCTIONS = frozenset(_ELEMENTWISE_FUNCTIONS)
 # (not .contiguous(): a later .view() needs the layout it produces)
 SHAPE_PRESERVING_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "detach", "hardtanh_",
                                       "clamp", "clamp_"})
+
+
+# Methods a module's forward delegates to: a subclass overriding any of them computes something else than its base.
+_FORWARD_PATH = ("forward", "_conv_forward", "_output_padding")
+
+
+def runs_rule_forward(cls: type, rule_types) -> bool:
+    """True when `cls` (a subclass of a class with a module rule) runs that class's own forward, so the rule
+    describes it: no class between `cls` and the nearest rule class overrides a method on the forward path.
+    A subclass that does (timm's BatchNormAct2d, a LayerNorm2d permuting around F.layer_norm) is traced instead
+    and its functional calls are handled by the function rules."""
+    rule_types = tuple(rule_types)
+    for klass in cls.__mro__:
+        if klass in rule_types:
+            return True
+        if any(name in vars(klass) for name in _FORWARD_PATH):
+            return False
+    return False
 
 
 def library_module_rules() -> dict:

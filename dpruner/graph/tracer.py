@@ -17,21 +17,34 @@ from dpruner.errors import ShapeError, UnsupportedError
 
 
 class PruningTracer(fx.Tracer):
-    """torch.fx tracer whose leaves are torch.nn's own modules (as fx does by default) plus `leaf_modules`.
+    """torch.fx tracer whose leaves are torch.nn's own modules (as fx does by default), `leaf_modules`, and
+    subclasses of a module with a rule that run that module's own forward.
 
     Users with a custom block fx cannot trace (data-dependent control flow) pass its class as a leaf; the graph then
     treats it as an op it does not know (its channels are left alone) unless a rule for it is also given.
+
+    A subclass is judged by what its forward does, not by its base class (see rules.runs_rule_forward): torchvision's
+    Conv3DSimple only changes __init__, so it is a leaf and gets the Conv3d rule; timm's BatchNormAct2d overrides
+    forward (F.batch_norm, then an activation), so it is traced and its functional calls get their own rules.
     """
 
     def __init__(self, leaf_modules: Iterable[type] = ()):
-        from dpruner.graph.rules import library_module_rules
+        from dpruner.graph.rules import MODULE_RULES, library_module_rules
 
         super().__init__()
-        self.leaf_types = (*leaf_modules, *library_module_rules())
+        self.user_leaf_types = tuple(leaf_modules)
+        self.rule_types = (*MODULE_RULES, *library_module_rules())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
+        from dpruner.graph.rules import runs_rule_forward
+
+        if self.user_leaf_types and isinstance(m, self.user_leaf_types):
             return True
+        if isinstance(m, self.rule_types):
+            if runs_rule_forward(type(m), self.rule_types):
+                return True
+            if not type(m).__module__.startswith(("torch.nn.", "torch.ao.nn.")):
+                return False  # a forward of its own: trace it (torch.nn's own subclasses stay leaves, as in fx)
         return super().is_leaf_module(m, module_qualified_name)
 
 

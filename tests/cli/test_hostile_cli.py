@@ -280,10 +280,25 @@ def test_exclude_everything_says_nothing_is_prunable(extra, tmp_path):
 
 # ---- engine faults ---------------------------------------------------------------------------------------------
 
-def test_a_pruned_model_that_fails_its_check_is_exit_70_naming_the_node(tmp_path):
+def _split_ignoring_its_sizes(b, node):
+    """A faulty split rule (the engine's before it learned that literal sizes are constants of the code): the
+    pieces get their share of the input's channels and nothing is pinned, so a pruned input breaks the call."""
+    from dpruner.graph.atoms import Chan
+
+    x = b.val(node.args[0])
+    pieces, start = [], 0
+    for meta in node.meta["tensor_meta"]:
+        pieces.append(Chan(x.axis, x.atoms[start : start + meta.shape[x.axis]]))
+        start += meta.shape[x.axis]
+    return tuple(pieces)
+
+
+def test_a_pruned_model_that_fails_its_check_is_exit_70_naming_the_node(tmp_path, monkeypatch):
+    from dpruner.graph import rules
     from tests.hostile import split_net
 
     torch.save(split_net().state_dict(), tmp_path / "s.pt")
+    monkeypatch.setitem(rules.FUNCTION_RULES, torch.split, _split_ignoring_its_sizes)  # plant an engine bug
     run = invoke("prune", "s.pt", "--arch", f"{HOSTILE}:split_net", "--input-shape", "1,8,8", "--ratio", "2x",
                  "-o", "o.pt", cwd=tmp_path)
     assert run.code == 70, run.stderr
@@ -293,6 +308,21 @@ def test_a_pruned_model_that_fails_its_check_is_exit_70_naming_the_node(tmp_path
     workaround = invoke("prune", "s.pt", "--arch", f"{HOSTILE}:split_net", "--input-shape", "1,8,8",
                         "--sparsity", "0.3", "--exclude", "conv", "-o", "o.pt", cwd=tmp_path)
     assert workaround.code == 0, workaround.stderr
+
+
+def test_split_with_literal_sizes_pins_its_input_naming_the_node(tmp_path):
+    """The real engine: the split input's channels are pinned (the sizes [2, 6] are constants of the code), the
+    layers after it are pruned, and the model runs."""
+    from tests.hostile import split_net
+
+    torch.save(split_net().state_dict(), tmp_path / "s.pt")
+    run = invoke("prune", "s.pt", "--arch", f"{HOSTILE}:split_net", "--input-shape", "1,8,8", "--sparsity", "0.5",
+                 "-o", "o.pt", "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    doc = json.loads(run.stdout)
+    pinned = [u for u in doc["unprunable"] if "conv" in u["layers"]]
+    assert pinned and "split: torch.split with fixed sizes [2, 6]" in pinned[0]["reasons"]
+    assert doc["after"]["params"] < doc["before"]["params"]
 
 
 # ---- stray output ----------------------------------------------------------------------------------------------
