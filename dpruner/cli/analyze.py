@@ -36,9 +36,9 @@ def analyze(
 
     finite_weights(loaded.model, f"'{model}'")
     shape, origin = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch,
-                                        source=str(model))
-    if origin == "torchvision default":
-        err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} (torchvision default; set --input-shape)[/dim]")
+                                        source=str(model), model=loaded.model)
+    if origin.endswith(" default"):
+        err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} ({origin}; set --input-shape)[/dim]")
     source = {"path": str(model), "format": loaded.source_format, "arch": loaded.arch}
     result = run_analysis(loaded.model, shape, full=full, source=source)
     if json_output:

@@ -37,13 +37,14 @@ def evaluate(
 ) -> None:
     """Evaluate MODEL on --data."""
     from dpruner.io import load_checkpoint
-    from dpruner.io.shapes import parse_input_shape
+    from dpruner.io.shapes import parse_input_shape, spatial_dims_of
     from dpruner.train.api import evaluate_splits
     from dpruner.train.distributed import setup
 
     ctx, dev = setup(device)
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
-    shape = parse_input_shape(input_shape) if input_shape else loaded.input_shape
+    shape = parse_input_shape(input_shape, spatial_dims=spatial_dims_of(loaded.model)) if input_shape \
+        else loaded.input_shape
     bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
                            val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std)
     results = evaluate_splits(loaded.model.to(dev), bundle, dev, ctx=ctx, quiet=quiet)

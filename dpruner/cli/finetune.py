@@ -53,7 +53,7 @@ def finetune(
     from dpruner.errors import ArchError, InputError
     from dpruner.io import load_checkpoint, save_checkpoint
     from dpruner.io.atomic import check_not_input
-    from dpruner.io.shapes import parse_input_shape
+    from dpruner.io.shapes import parse_input_shape, spatial_dims_of
     from dpruner.io.atomic import check_output_path
     from dpruner.train.api import evaluate_splits, finetune as run_finetune, remove_state, state_path_for
     from dpruner.train.distributed import setup
@@ -70,7 +70,8 @@ def finetune(
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     if loaded.arch is None:
         raise ArchError(f"'{model}' holds a whole pickled model; pass --arch so the result can be rebuilt.")
-    shape = parse_input_shape(input_shape) if input_shape else loaded.input_shape
+    shape = parse_input_shape(input_shape, spatial_dims=spatial_dims_of(loaded.model)) if input_shape \
+        else loaded.input_shape
     bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
                            val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
     net = loaded.model.to(dev)

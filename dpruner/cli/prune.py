@@ -112,9 +112,9 @@ def prune(
             "with a factory that builds it."
         )
     shape, origin = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch,
-                                        source=str(model))
-    if origin == "torchvision default" and data is None:
-        err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} (torchvision default; set --input-shape)[/dim]")
+                                        source=str(model), model=loaded.model)
+    if origin.endswith(" default") and data is None:
+        err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} ({origin}; set --input-shape)[/dim]")
     leaves = tuple(resolve_class(item) for item in leaf or ())
     torch.manual_seed(seed)
     if data is not None:

@@ -60,7 +60,8 @@ def load_side(path: Path, *, arch, num_classes, trust, input_shape, shape=None):
 
     loaded = load_checkpoint(path, arch=arch, num_classes=num_classes, trust_checkpoint=trust)
     if shape is None:
-        shape, _ = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch, source=str(path))
+        shape, _ = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch, source=str(path),
+                                       model=loaded.model)
     run_forward(loaded.model.eval(), torch.randn(*shape))  # the model must run: say so now, not mid-export
     return loaded, tuple(shape)
 

@@ -1,7 +1,8 @@
 """Architecture specs: how a user names the model class that a state_dict belongs to.
 
-Three forms, all ending in a callable that returns an ``nn.Module``:
-``torchvision:NAME`` (a torchvision builder, never with downloaded weights), ``path/to/file.py:factory`` and
+Four forms, all ending in a callable that returns an ``nn.Module``:
+``torchvision:NAME`` (a torchvision builder, never with downloaded weights), ``timm:NAME`` (``timm.create_model``
+with ``pretrained=False``; timm is the user's package, not a dpruner dependency), ``path/to/file.py:factory`` and
 ``package.module:factory``. ``--num-classes N`` is passed to the builder as ``num_classes=N``. Every build runs
 under no_network: nothing dpruner builds may download weights or reach the network.
 """
@@ -20,7 +21,8 @@ from dpruner.errors import ArchError
 from dpruner.io.network import no_network
 from dpruner.usercode import describe, user_code
 
-EXAMPLES = "torchvision:resnet18, path/to/model.py:build, or my_package.models:build"
+EXAMPLES = "torchvision:resnet18, timm:efficientnet_b0, path/to/model.py:build, or my_package.models:build"
+BUILDER_KINDS = ("torchvision", "timm")  # model zoos named as KIND:NAME, built without any pretrained weights
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class ArchSpec:
     def trusted(self) -> bool:
         """True for the documented builders only (torchvision:NAME, built without weights, and dpruner.zoo:NAME for
         a public zoo builder): safe to take from a file. Anything else a file names needs the user's word."""
-        if self.kind == "torchvision":
+        if self.kind in BUILDER_KINDS:
             return True
         return self.kind == "module" and self.target == "dpruner.zoo" and self.factory in zoo_builders()
 
@@ -56,8 +58,8 @@ def parse_arch(text: str) -> ArchSpec:
     target, factory = text.rsplit(":", 1)
     if not target or not factory:
         raise ArchError(f"Architecture spec '{text}' is incomplete; use one of {EXAMPLES}.")
-    if target == "torchvision":
-        return ArchSpec("torchvision", "torchvision", factory, text)
+    if target in BUILDER_KINDS:
+        return ArchSpec(target, target, factory, text)
     if target.endswith(".py") or "/" in target or "\\" in target:
         return ArchSpec("file", target, factory, text)
     if not all(part.isidentifier() for part in target.split(".")):
@@ -77,6 +79,8 @@ def build_model(spec: str | ArchSpec, *, num_classes: int | None = None) -> "tor
     with no_network(f"Building '{spec.text}'", hint=_offline_hint(spec)):
         if spec.kind == "torchvision":
             model = _build_torchvision(spec.factory, num_classes)
+        elif spec.kind == "timm":
+            model = _build_timm(spec.factory, num_classes)
         else:
             factory = _load_factory(spec)
             model = _call_factory(factory, spec, num_classes)
@@ -112,6 +116,46 @@ def _build_torchvision(name: str, num_classes: int | None):
             raise ArchError(f"torchvision:{name} could not be built with {kwargs}: {exc}") from exc
         except Exception as exc:  # e.g. out of memory for a huge num_classes
             raise ArchError(f"Building torchvision:{name} failed: {describe(exc)}") from exc
+
+
+def _build_timm(name: str, num_classes: int | None):
+    """timm.create_model(NAME, pretrained=False[, num_classes=N]): random weights, nothing downloaded."""
+    try:
+        import timm
+    except Exception as exc:  # not installed, or broken against this torch
+        raise ArchError(f"timm:{name} needs the timm package, which is not installed or does not import "
+                        f"({describe(exc)}); `pip install timm` (dpruner does not require it).") from exc
+    names = timm.list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " `python -c 'import timm; print(timm.list_models())'` lists them."
+        raise ArchError(f"timm has no model named '{name}'.{hint}")
+    kwargs: dict = {"pretrained": False}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    with warnings.catch_warnings(), user_code(f"Building timm:{name}", error=ArchError):
+        warnings.simplefilter("ignore")
+        return timm.create_model(name, **kwargs)
+
+
+def default_input_shape(arch: str | None) -> tuple[int, ...] | None:
+    """N,C,H,W a model zoo documents for an architecture (torchvision: 3x224x224; timm: the model's pretrained
+    config), or None when the spec does not say."""
+    if not arch:
+        return None
+    spec = parse_arch(arch)
+    if spec.kind == "torchvision":
+        return (1, 3, 224, 224)
+    if spec.kind == "timm":
+        try:
+            import timm
+
+            cfg = timm.models.get_pretrained_cfg(spec.factory)
+        except Exception:  # timm missing or the name unknown: the caller asks for --input-shape
+            return None
+        size = getattr(cfg, "input_size", None) if cfg is not None else None
+        return (1, *map(int, size)) if size else None
+    return None
 
 
 def _no_weights_kwargs(builder) -> dict:
@@ -167,7 +211,8 @@ def _call_factory(factory: Callable, spec: ArchSpec, num_classes: int | None):
     kwargs = {}
     if num_classes is not None:
         try:
-            accepts = "num_classes" in inspect.signature(factory).parameters
+            params = inspect.signature(factory).parameters
+            accepts = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
         except (TypeError, ValueError):
             accepts = False
         if not accepts:
@@ -180,7 +225,7 @@ def _call_factory(factory: Callable, spec: ArchSpec, num_classes: int | None):
 def resolve_class(text: str) -> type:
     """'package.module:Class' or 'file.py:Class' -> the class (for --leaf)."""
     spec = parse_arch(text)
-    if spec.kind == "torchvision":
+    if spec.kind in BUILDER_KINDS:
         raise ArchError(f"--leaf takes package.module:Class or file.py:Class, got '{text}'.")
     cls = _load_factory(spec)
     if not isinstance(cls, type):

@@ -172,10 +172,10 @@ def _validated(obj: Mapping, path: str, limits: Limits | None) -> dict:
     if isinstance(shape, (list, tuple)) and not shape:
         shape = None
     if shape is not None:
-        if not isinstance(shape, (list, tuple)) or len(shape) not in (3, 4) or not all(
+        if not isinstance(shape, (list, tuple)) or len(shape) not in (3, 4, 5) or not all(
             type(d) is int and d > 0 for d in shape
         ):
-            raise damaged(f"stores the input shape {_shown(shape)}, not 3 or 4 positive integers")
+            raise damaged(f"stores the input shape {_shown(shape)}, not 3 to 5 positive integers")
         from dpruner.io.shapes import check_input_elements
 
         try:

@@ -82,3 +82,28 @@ def test_broken_file(tmp_path):
     (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ArchError, match="Importing .* failed: RuntimeError: boom"):
         build_model(f"{tmp_path / 'broken.py'}:f")
+
+
+def test_timm_builder_without_weights_and_its_default_shape():
+    pytest.importorskip("timm", reason="timm (a test dependency) is not installed")
+    from dpruner.io.arch import default_input_shape, parse_arch
+
+    model = build_model("timm:resnet18", num_classes=7)
+    assert model.fc.out_features == 7
+    assert parse_arch("timm:resnet18").trusted  # a documented builder: pretrained=False, network blocked
+    assert default_input_shape("timm:resnet18") == (1, 3, 224, 224)
+    assert default_input_shape("timm:tf_efficientnet_b3") == (1, 3, 300, 300)
+    with pytest.raises(ArchError, match="timm has no model named 'resnet19'. Did you mean resnet18"):
+        build_model("timm:resnet19")
+
+
+def kwargs_factory(**kwargs):
+    """A factory taking **kwargs (as timm's and many repositories' do): --num-classes reaches it."""
+    from tests.conftest import TinyNet
+
+    return TinyNet(**kwargs)
+
+
+def test_num_classes_reaches_a_factory_taking_kwargs():
+    model = build_model("tests.io.test_arch:kwargs_factory", num_classes=3)
+    assert model.fc.out_features == 3
