@@ -29,7 +29,8 @@ def export(
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (default: torch.onnx.export(dynamo=False)) or dynamo.")] = "torchscript",
     static_batch: Annotated[bool, typer.Option("--static-batch", help="Fix the batch dimension (default: dynamic).")] = False,
     simplify: Annotated[bool, typer.Option("--simplify", help="Simplify the graph with onnxslim; the result is verified the same way.")] = False,
-    atol: Annotated[float, typer.Option("--atol", help="Largest allowed |onnxruntime - torch| output difference; above it: exit 3.")] = 1e-4,
+    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance: every output element must satisfy |onnxruntime - torch| <= atol + rtol * |torch|; otherwise exit 3.")] = 1e-4,
+    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance of that rule (large outputs, e.g. random-weight logits, round further).")] = 1e-4,
     keep_on_failure: Annotated[bool, typer.Option("--keep-on-failure", help="Write the ONNX file even when verification fails (exit code still 3).")] = False,
     data: t.DataOpt = None,
     markdown: MarkdownOpt = None,
@@ -66,6 +67,7 @@ def export(
         check_output_path(markdown, "--markdown")
         check_not_input(markdown, [*inputs, onnx])
     validate.number(atol, "--atol", low=0)
+    validate.number(rtol, "--rtol", low=0, high=1)
     check_export_options(opset=opset, exporter=exporter)
     n_threads = check_threads(threads) or default_threads()
     sizes = parse_batches(batches)
@@ -85,7 +87,7 @@ def export(
     accuracy = accuracy_of(after_loaded.model, bundle)  # reads every batch: bad data fails here, before any write
     base_accuracy = accuracy_of(base_loaded.model, bundle) if base_loaded is not None else None
     result = export_model(after_loaded.model, shape, onnx, inputs=inputs, opset=opset, dynamic_batch=not static_batch,
-                          exporter=exporter, simplify=simplify, atol=atol, keep_on_failure=keep_on_failure,
+                          exporter=exporter, simplify=simplify, atol=atol, rtol=rtol, keep_on_failure=keep_on_failure,
                           loader=bundle.test or bundle.val if bundle else None)
     written = result.written
     try:

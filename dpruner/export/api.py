@@ -12,7 +12,7 @@ from typing import Iterable
 from torch import nn
 
 from dpruner.export.onnx import DEFAULT_OPSET, ExportInfo, check_onnx, export_onnx, simplify_onnx
-from dpruner.export.verify import DEFAULT_ATOL, Verification, verify_onnx
+from dpruner.export.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verification, verify_onnx
 from dpruner.io.atomic import check_not_input
 
 
@@ -29,6 +29,7 @@ class ExportResult:
 def export_model(model: nn.Module, input_shape: tuple[int, ...], output: str | os.PathLike, *,
                  inputs: Iterable = (), opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
                  exporter: str = "torchscript", simplify: bool = False, atol: float = DEFAULT_ATOL,
+                 rtol: float = DEFAULT_RTOL,
                  keep_on_failure: bool = False, loader=None) -> ExportResult:
     """Export `model` to ONNX at `output` and verify it in ONNX Runtime (see verify_onnx). Never overwrites an
     input; a failed verification leaves no file unless keep_on_failure."""
@@ -52,7 +53,8 @@ def export_model(model: nn.Module, input_shape: tuple[int, ...], output: str | o
             simplifier = simplify_onnx(tmp, slim)
             check_onnx(slim)
             final = slim
-        verification = verify_onnx(model, final, input_shape, dynamic_batch=dynamic_batch, atol=atol, loader=loader)
+        verification = verify_onnx(model, final, input_shape, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol,
+                                   loader=loader)
         info = ExportInfo(str(output), opset, exporter, dynamic_batch, tuple(input_shape), final.stat().st_size,
                           simplify, simplifier)
         written = verification.passed or keep_on_failure

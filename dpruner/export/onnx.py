@@ -64,12 +64,14 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | os.P
     check_export_options(opset=opset, exporter=exporter)
     model = model.eval()
     example = torch.randn(*input_shape)
-    kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
+    with torch.no_grad():
+        names = output_names(model(example))
+    kwargs = dict(input_names=["input"], output_names=names, opset_version=opset)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if exporter == "torchscript":
-                axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+                axes = {name: {0: "batch"} for name in ["input", *names]} if dynamic_batch else None
                 torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes, **kwargs)
             else:
                 shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
@@ -79,6 +81,18 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | os.P
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedError(f"torch.onnx.export ({exporter}, opset {opset}) failed: {first[:300]}") from None
     return ExportInfo(str(path), opset, exporter, dynamic_batch, tuple(input_shape), Path(path).stat().st_size)
+
+
+def output_names(outputs) -> list[str]:
+    """ONNX names for a model's outputs in export order: 'logits' for one tensor, the keys of a dict (segmentation
+    models return {'out': ..., 'aux': ...}), 'output_i' for the items of a tuple or list."""
+    from dpruner.export.verify import flatten_outputs
+
+    if isinstance(outputs, torch.Tensor):
+        return ["logits"]
+    if isinstance(outputs, dict) and all(isinstance(v, torch.Tensor) for v in outputs.values()):
+        return [str(k) for k in outputs]
+    return [f"output_{i}" for i, _ in enumerate(flatten_outputs(outputs))]
 
 
 def check_onnx(path: str | os.PathLike) -> None:

@@ -65,7 +65,11 @@ def verification_line(doc: dict) -> str | None:
     status = "passed" if v["passed"] else "FAILED"
     where = "random + real data" if v["real_data"] else "random inputs"
     head = f"ONNX ({onnx['exporter']}, opset {onnx['opset']}" + (f", {onnx['simplifier']}" if onnx.get("simplifier") else "") + ")" if onnx else "ONNX"
-    return (f"{head} verification {status}: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
+    rule = f"atol {v['atol']:g}" + (f" + rtol {v['rtol']:g} x |output|" if v.get("rtol") else "")
+    held = {"abs": "; the absolute bound held", "abs+rel": "; held by the relative part"}.get(v.get("held"), "")
+    outputs = v.get("outputs") or []
+    names = f" on {len(outputs)} outputs ({', '.join(o['name'] for o in outputs)})" if len(outputs) > 1 else ""
+    return (f"{head} verification {status}{names}: max abs diff {v['max_abs_diff']:.2e} ({rule}{held}), "
             f"max rel diff {v['max_rel_diff']:.2e}, top-1 agreement {100 * v['top1_agreement']:.2f}% over "
             f"{v['samples']} samples ({where}; batches {', '.join(map(str, v['batch_sizes']))}) in onnxruntime "
             f"{v['provider']}." + (f" Failed: {v['failure']}." if v.get("failure") else "")

@@ -70,9 +70,9 @@ def test_failed_verification_discards_the_file_unless_kept(pruned_resnet20, tmp_
     real = api.verify_onnx
 
     def strict(*args, **kwargs):
-        kwargs["atol"] = 0.0  # any float difference fails
+        kwargs["atol"], kwargs["rtol"] = 0.0, 0.0  # any float difference fails
         result = real(*args, **kwargs)
-        result.max_abs_diff = max(result.max_abs_diff, 1e-3)
+        result.max_abs_diff, result.within = max(result.max_abs_diff, 1e-3), False
         return result
 
     monkeypatch.setattr(api, "verify_onnx", strict)
@@ -89,13 +89,14 @@ def test_never_overwrites_an_input(tmp_path):
 
 def test_cli_exit_3_on_verification_failure_and_json(tmp_path):
     out = tmp_path / "v.onnx"
-    proc = dp("export", VGG, "--onnx", str(out), "--atol", "0", "--no-latency", "--json")
+    proc = dp("export", VGG, "--onnx", str(out), "--atol", "0", "--rtol", "0", "--no-latency", "--json")
     doc = json.loads(proc.stdout)
     if doc["verification"]["max_abs_diff"] == 0.0:
         pytest.skip("ONNX Runtime matched PyTorch bit for bit on this machine: atol 0 cannot fail")
     assert proc.returncode == 3 and not out.exists() and "no file was written" in proc.stderr
     assert doc["verification"]["passed"] is False and doc["onnx"]["written"] is False
-    kept = dp("export", VGG, "--onnx", str(out), "--atol", "0", "--no-latency", "--keep-on-failure", "--json")
+    kept = dp("export", VGG, "--onnx", str(out), "--atol", "0", "--rtol", "0", "--no-latency", "--keep-on-failure",
+              "--json")
     assert kept.returncode == 3 and out.exists()
 
 
@@ -174,3 +175,45 @@ def test_compare_outputs_rules():
     mixed = check([np.nan, 1.0], [0.5, 1.0])
     assert not mixed.passed and "PyTorch produces 1 non-finite" in mixed.failure()
     assert check([1.0, 2.0], [1.0, 2.00001]).passed and not check([1.0, 2.0], [1.0, 2.1]).passed
+
+
+class SegNet(torch.nn.Module):
+    """A segmentation-style model: a dict of a per-pixel class map and an auxiliary head, like torchvision's."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.out = torch.nn.Conv2d(8, 5, 1)
+        self.aux = torch.nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.body(x))
+        return {"out": self.out(y), "aux": self.aux(y)}
+
+
+def test_dict_outputs_are_named_exported_and_each_verified(tmp_path):
+    import onnxruntime as ort
+
+    model = SegNet().eval()
+    result = export_model(model, (1, 3, 16, 16), tmp_path / "seg.onnx")
+    assert result.written and result.verification.passed
+    session = ort.InferenceSession(str(tmp_path / "seg.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["out", "aux"]
+    assert session.run(None, {"input": np.zeros((3, 3, 16, 16), np.float32)})[0].shape == (3, 5, 16, 16)  # dynamic
+    outputs = result.verification.to_json()["outputs"]
+    assert [o["name"] for o in outputs] == ["out", "aux"] and outputs[0]["shape"] == [5, 16, 16]
+    assert all(0.99 <= o["top1_agreement"] <= 1.0 for o in outputs)  # a fraction of pixels, not a count
+
+
+def test_large_outputs_pass_by_the_relative_part_and_say_so(tmp_path):
+    """Random-weight models with huge logits (inception_v3) round beyond 1e-4 in absolute terms."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10)).eval()
+    with torch.no_grad():
+        model[1].weight.mul_(1e5)
+    result = export_model(model, (1, 3, 4, 4), tmp_path / "big.onnx")
+    doc = result.verification.to_json()
+    if doc["max_abs_diff"] <= doc["atol"]:
+        pytest.skip("ONNX Runtime matched PyTorch within the absolute bound here")
+    assert doc["passed"] and doc["held"] == "abs+rel"
+    strict = export_model(model, (1, 3, 4, 4), tmp_path / "big2.onnx", rtol=0.0)
+    assert not strict.verification.passed and not strict.written
