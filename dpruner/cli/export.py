@@ -29,7 +29,7 @@ def export(
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (default: torch.onnx.export(dynamo=False)) or dynamo.")] = "torchscript",
     static_batch: Annotated[bool, typer.Option("--static-batch", help="Fix the batch dimension (default: dynamic).")] = False,
     simplify: Annotated[bool, typer.Option("--simplify", help="Simplify the graph with onnxslim; the result is verified the same way.")] = False,
-    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance: every output element must satisfy |onnxruntime - torch| <= atol + rtol * |torch|; otherwise exit 3.")] = 1e-4,
+    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance: every output element must satisfy |onnxruntime - torch| <= atol + rtol * (the output's largest |torch| value); otherwise exit 3.")] = 1e-4,
     rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance of that rule (large outputs, e.g. random-weight logits, round further).")] = 1e-4,
     keep_on_failure: Annotated[bool, typer.Option("--keep-on-failure", help="Write the ONNX file even when verification fails (exit code still 3).")] = False,
     data: t.DataOpt = None,

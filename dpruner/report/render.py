@@ -65,7 +65,7 @@ def verification_line(doc: dict) -> str | None:
     status = "passed" if v["passed"] else "FAILED"
     where = "random + real data" if v["real_data"] else "random inputs"
     head = f"ONNX ({onnx['exporter']}, opset {onnx['opset']}" + (f", {onnx['simplifier']}" if onnx.get("simplifier") else "") + ")" if onnx else "ONNX"
-    rule = f"atol {v['atol']:g}" + (f" + rtol {v['rtol']:g} x |output|" if v.get("rtol") else "")
+    rule = f"atol {v['atol']:g}" + (f" + rtol {v['rtol']:g} x max|output|" if v.get("rtol") else "")
     held = {"abs": "; the absolute bound held", "abs+rel": "; held by the relative part"}.get(v.get("held"), "")
     outputs = v.get("outputs") or []
     names = f" on {len(outputs)} outputs ({', '.join(o['name'] for o in outputs)})" if len(outputs) > 1 else ""
