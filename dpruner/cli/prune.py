@@ -268,7 +268,9 @@ def render(doc: dict) -> None:
             out.print(f"Pruned one-shot, then fine-tuned {doc['epochs_used']:.2f} epochs on {doc['data']}.")
         return
     pruned = [g for g in doc["groups"] if g["kept"] < g["channels"]]
-    out.print(f"{len(pruned)} of {len(doc['groups'])} prunable channel groups pruned.")
+    share = doc.get("prunable_macs_share")
+    reach = f"; the layers they touch hold {100 * share:.0f}% of the MACs" if share is not None else ""
+    out.print(f"{len(pruned)} of {len(doc['groups'])} prunable channel groups pruned{reach}.")
     if doc["unprunable"]:
         out.print(f"[yellow]{len(doc['unprunable'])} channel groups could not be pruned[/yellow], e.g.:")
         for item in doc["unprunable"][:5]:

@@ -43,13 +43,22 @@ class PruneResult:
     allocation: str
     groups: list[dict] = field(default_factory=list)
     unprunable: list[dict] = field(default_factory=list)
+    prunable_macs_share: float | None = None  # share of the original MACs in layers a prunable group touches
 
     def to_json(self) -> dict:
         return {
             "before": self.before, "after": self.after, "ratio": self.ratio, "target": self.target,
             "requested": self.requested, "target_met": self.target_met, "method": self.method,
-            "allocation": self.allocation, "groups": self.groups, "unprunable": self.unprunable,
+            "allocation": self.allocation, "prunable_macs_share": self.prunable_macs_share, "groups": self.groups,
+            "unprunable": self.unprunable,
         }
+
+
+def prunable_macs_share(index: ChannelIndex, macs_by_module: dict[str, int], total: int) -> float:
+    """Share of the MACs spent in layers whose channels a prunable group can change: what pruning can reach at all
+    (e.g. a detector whose head is kept shows the backbone's and neck's share)."""
+    touched = {name for g in index.groups if g.prunable for name in g.layers}
+    return sum(macs_by_module.get(name, 0) for name in touched) / max(total, 1)
 
 
 def analyze_groups(model: nn.Module, example: torch.Tensor, *, exclude: Iterable[str] = (),
@@ -155,6 +164,7 @@ def prune(
         groups=_group_summaries(index, plan, graph),
         unprunable=[{"layers": g.layers, "channels": len(g), "reasons": g.reasons[:5]}
                     for g in index.groups if not g.prunable and g.has_producer],
+        prunable_macs_share=prunable_macs_share(index, base_macs.by_module, base_macs.total),
     )
 
 

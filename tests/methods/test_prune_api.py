@@ -86,3 +86,13 @@ def test_parse_ratio():
     for bad in ("x", "0.5x", "1", "two"):
         with pytest.raises(InputError):
             parse_ratio(bad)
+
+
+def test_prunable_macs_share_says_how_much_of_the_model_pruning_can_reach():
+    from tests.hostile import split_net
+
+    vgg = load_checkpoint(SAMPLE_MODELS / "digits_vgg.pt").model
+    assert prune(vgg, torch.randn(1, 1, 8, 8), sparsity=0.3).prunable_macs_share == pytest.approx(1.0)
+    # torch.split with fixed sizes pins conv's outputs: a and b can lose outputs, conv cannot
+    partial = prune(split_net(), torch.randn(1, 1, 8, 8), sparsity=0.3).prunable_macs_share
+    assert 0 < partial < 1
