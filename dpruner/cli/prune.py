@@ -271,6 +271,10 @@ def render(doc: dict) -> None:
     share = doc.get("prunable_macs_share")
     reach = f"; the layers they touch hold {100 * share:.0f}% of the MACs" if share is not None else ""
     out.print(f"{len(pruned)} of {len(doc['groups'])} prunable channel groups pruned{reach}.")
+    if doc.get("opaque"):
+        out.print(f"[yellow]{len(doc['opaque'])} blocks torch.fx could not trace were kept whole[/yellow], e.g.:")
+        for item in doc["opaque"][:5]:
+            out.print(f"  {item['module']}: {item['reason']}", soft_wrap=True)
     if doc["unprunable"]:
         out.print(f"[yellow]{len(doc['unprunable'])} channel groups could not be pruned[/yellow], e.g.:")
         for item in doc["unprunable"][:5]:

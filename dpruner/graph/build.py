@@ -59,6 +59,7 @@ class DependencyGraph:
     pads: dict[tuple[str, int], PadSite]
     modules: dict[str, nn.Module]
     unsupported: list[str] = field(default_factory=list)  # one line per node the rules did not understand
+    opaque: dict[str, str] = field(default_factory=dict)  # blocks torch.fx could not trace -> where it stopped
 
 
 class Builder:
@@ -267,8 +268,10 @@ def build_graph(
         {**rules.FUNCTION_RULES, **(function_rules or {})},
         {**rules.METHOD_RULES, **(method_rules or {})},
     )
+    opaque: dict[str, str] = {}
     for trace in traces if traces is not None else trace_model(model, example, leaf_modules=leaf_modules):
         builder.run(trace)
+        opaque.update(trace.opaque)
     # A parameter of a layer that surgery resizes as a whole (a BatchNorm's weight, a conv's bias) used directly in
     # the forward (`y * self.bn.weight.view(1, -1, 1, 1)`) would be sliced twice: once by its layer's resizer, once
     # as a coupled parameter. Both sets of channels keep their width instead.
@@ -283,4 +286,4 @@ def build_graph(
         for slot in builder.slots.values():
             if slot.module == module:
                 builder.atoms.block(slot.atoms, f"{module}: parameter used by {reason}")
-    return DependencyGraph(builder.atoms, builder.slots, builder.pads, builder.modules, builder.unsupported)
+    return DependencyGraph(builder.atoms, builder.slots, builder.pads, builder.modules, builder.unsupported, opaque)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -28,16 +28,31 @@ class PruningTracer(fx.Tracer):
     forward (F.batch_norm, then an activation), so it is traced and its functional calls get their own rules.
     """
 
-    def __init__(self, leaf_modules: Iterable[type] = ()):
+    def __init__(self, leaf_modules: Iterable[type] = (), leaf_names: Iterable[str] = ()):
         from dpruner.graph.rules import MODULE_RULES, library_module_rules
 
         super().__init__()
         self.user_leaf_types = tuple(leaf_modules)
+        self.leaf_names = frozenset(leaf_names)  # blocks found untraceable: opaque, by qualified name
         self.rule_types = (*MODULE_RULES, *library_module_rules())
+        self.failed_in: str | None = None  # the innermost module whose forward was being traced when fx failed
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost frame sees the exception first
+                try:
+                    self.failed_in = self.path_of_module(m)
+                except NameError:
+                    self.failed_in = ""
+            raise
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from dpruner.graph.rules import runs_rule_forward
 
+        if module_qualified_name in self.leaf_names:
+            return True
         if self.user_leaf_types and isinstance(m, self.user_leaf_types):
             return True
         if isinstance(m, self.rule_types):
@@ -56,6 +71,7 @@ class Trace:
     graph: fx.Graph
     root: nn.Module
     training: bool
+    opaque: dict = field(default_factory=dict)  # qualified name -> where and why torch.fx could not trace it
 
 
 @dataclass(frozen=True)
@@ -167,33 +183,76 @@ def trace_model(model: nn.Module, example: torch.Tensor, *, leaf_modules: Iterab
     saved = _buffers_snapshot(model)
     traces: list[Trace] = []
     seen: list[list] = []
+    opaque: dict[str, str] = {}
     try:
         for training in modes:
             model.train(training)
-            tracer = PruningTracer(leaf_modules)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    graph = tracer.trace(model)
-            except Exception as exc:
-                raise UnsupportedError(
-                    f"torch.fx cannot trace {type(model).__name__} in {'train' if training else 'eval'} mode "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); register the "
-                    "offending block as a leaf module."
-                ) from exc
+            graph = _trace_with_fallback(model, leaf_modules, opaque, training)
             signature = _signature(graph)
             if signature in seen:
                 continue
             seen.append(signature)
             x = example if not training or example.shape[0] >= 2 else example.repeat(2, *[1] * (example.dim() - 1))
             _propagate(model, graph, x, training)
-            traces.append(Trace(graph, model, training))
+            traces.append(Trace(graph, model, training, dict(opaque)))
     finally:
         model.train(was_training)
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(saved[name])
     return traces
+
+
+MAX_OPAQUE = 256  # blocks made opaque before giving up (each costs one more trace)
+
+
+def _trace_with_fallback(model: nn.Module, leaf_modules, opaque: dict[str, str], training: bool) -> fx.Graph:
+    """Trace `model`; when torch.fx fails inside a submodule (data-dependent control flow, say), make that block
+    opaque (a leaf whose channels are left alone), record where fx stopped, and trace again. Only a failure in the
+    root's own forward is final: then nothing can be traced around it."""
+    for _ in range(MAX_OPAQUE + 1):
+        tracer = PruningTracer(leaf_modules, opaque)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return tracer.trace(model)
+        except Exception as exc:
+            culprit = tracer.failed_in
+            where = _user_line(exc)
+            if not culprit or culprit in opaque:
+                mode = "train" if training else "eval"
+                raise UnsupportedError(
+                    f"torch.fx cannot trace {type(model).__name__}'s own forward in {mode} mode"
+                    f"{f' at {where}' if where else ''} ({_first_line(exc)}), so no block around it can be "
+                    "traced either; pass --leaf for the blocks that stop it, or prune a traceable submodule."
+                ) from exc
+            block = model.get_submodule(culprit)
+            opaque[culprit] = (f"{type(block).__name__} is opaque: torch.fx stopped"
+                               f"{f' at {where}' if where else ''} ({_first_line(exc)})")
+    raise UnsupportedError(f"torch.fx cannot trace {type(model).__name__}: more than {MAX_OPAQUE} blocks fail.")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _user_line(exc: BaseException) -> str:
+    """'file.py:123 `source`' of the innermost frame outside torch itself: the model code fx could not follow."""
+    import linecache
+    import os
+
+    torch_dir = os.path.dirname(torch.__file__)
+    found = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not code.co_filename.startswith(torch_dir) and "dpruner" not in code.co_filename.split(os.sep)[-2:-1]:
+            source = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+            found = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}" + (f" `{source[:80]}`" if source else "")
+        tb = tb.tb_next
+    return found
 
 
 def owner_of(node: fx.Node) -> str:

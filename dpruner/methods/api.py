@@ -44,13 +44,14 @@ class PruneResult:
     groups: list[dict] = field(default_factory=list)
     unprunable: list[dict] = field(default_factory=list)
     prunable_macs_share: float | None = None  # share of the original MACs in layers a prunable group touches
+    opaque: list[dict] = field(default_factory=list)  # blocks torch.fx could not trace, left whole: where and why
 
     def to_json(self) -> dict:
         return {
             "before": self.before, "after": self.after, "ratio": self.ratio, "target": self.target,
             "requested": self.requested, "target_met": self.target_met, "method": self.method,
-            "allocation": self.allocation, "prunable_macs_share": self.prunable_macs_share, "groups": self.groups,
-            "unprunable": self.unprunable,
+            "allocation": self.allocation, "prunable_macs_share": self.prunable_macs_share, "opaque": self.opaque,
+            "groups": self.groups, "unprunable": self.unprunable,
         }
 
 
@@ -165,6 +166,7 @@ def prune(
         unprunable=[{"layers": g.layers, "channels": len(g), "reasons": g.reasons[:5]}
                     for g in index.groups if not g.prunable and g.has_producer],
         prunable_macs_share=prunable_macs_share(index, base_macs.by_module, base_macs.total),
+        opaque=[{"module": name, "reason": why} for name, why in graph.opaque.items()],
     )
 
 

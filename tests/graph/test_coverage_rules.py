@@ -681,3 +681,57 @@ def test_a_resized_layers_own_parameter_read_in_the_forward_keeps_its_width():
             _reasons(index, layer)
     prune_exact(model, torch.randn(2, 3, 4, 4), sparsity=0.5)
     assert model.bn.num_features == 8 and model.side.out_channels == 2
+
+
+class Wobbly(nn.Module):
+    """A block with data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # depends on the data
+            return self.conv(x)
+        return self.conv(-x)
+
+
+class WithWobbly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mid = nn.Conv2d(16, 8, 1)
+        self.block = Wobbly()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.mid(torch.relu(self.stem(x))))).mean((2, 3))
+
+
+def test_an_untraceable_block_is_kept_whole_and_the_rest_is_pruned():
+    model = WithWobbly().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = dpruner.prune(model, x, sparsity=0.5)
+    assert [o["module"] for o in result.opaque] == ["block"]
+    assert "Wobbly is opaque: torch.fx stopped at test_coverage_rules.py" in result.opaque[0]["reason"]
+    assert "x.sum() > 0" in result.opaque[0]["reason"]
+    assert model.stem.out_channels == 8 and model.mid.out_channels == 8  # stem pruned; block's channels kept
+    assert model.block.conv.in_channels == 8 and model(x).shape == (1, 4)
+
+
+class WobblyRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.conv(x)
+        return self.conv(x * 2)
+
+
+def test_an_untraceable_root_forward_is_one_sentence_naming_the_line():
+    from dpruner.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match=r"WobblyRoot's own forward in eval mode at test_coverage_rules.py:\d+ `if x.mean\(\) > 0:`"):
+        dpruner.prune(WobblyRoot(), torch.randn(1, 3, 8, 8), sparsity=0.5)
