@@ -16,6 +16,45 @@ from torch.fx.node import map_aggregate
 from dpruner.errors import ShapeError, UnsupportedError
 
 
+class _CountedProxy(fx.Proxy):
+    """A proxy that can be iterated when the code fixes its length: `list(x.chunk(2, 1))`, `for p in x.split([2, 6],
+    1)` (Ultralytics' C2f, many CSP blocks). fx alone only unpacks into a literal number of names."""
+
+    def __iter__(self):
+        n = _known_length(self.node)
+        if n is None:
+            return super().__iter__()
+        return iter([self[i] for i in range(n)])
+
+    def __len__(self) -> int:  # list(proxy) asks for the length first
+        n = _known_length(self.node)
+        if n is None:
+            return super().__len__()
+        return n
+
+
+def _known_length(node: fx.Node) -> int | None:
+    """How many tensors a chunk/split/tensor_split call returns, when its arguments say so literally."""
+    target = node.target
+    is_method = node.op == "call_method"
+    if not (is_method and target in ("chunk", "split", "tensor_split")
+            or node.op == "call_function" and target in (torch.chunk, torch.split, torch.tensor_split)):
+        return None
+    name = target if is_method else target.__name__
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+        {"chunk": "chunks", "split": "split_size_or_sections", "tensor_split": "indices_or_sections"}[name])
+    if name == "chunk" and isinstance(arg, int):
+        return arg
+    if name == "split" and isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg):
+        return len(arg)
+    if name == "tensor_split":
+        if isinstance(arg, int):
+            return arg
+        if isinstance(arg, (list, tuple)) and all(isinstance(a, int) for a in arg):
+            return len(arg) + 1
+    return None
+
+
 class PruningTracer(fx.Tracer):
     """torch.fx tracer whose leaves are torch.nn's own modules (as fx does by default), `leaf_modules`, and
     subclasses of a module with a rule that run that module's own forward.
@@ -36,6 +75,24 @@ class PruningTracer(fx.Tracer):
         self.leaf_names = frozenset(leaf_names)  # blocks found untraceable: opaque, by qualified name
         self.rule_types = (*MODULE_RULES, *library_module_rules())
         self.failed_in: str | None = None  # the innermost module whose forward was being traced when fx failed
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _CountedProxy(node, self)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """A root forward(x, *args, **kwargs) (Ultralytics' models, many wrappers) is traced as forward(x): fx would
+        make proxies of *args and fail unpacking them, while dpruner calls models with one example input."""
+        import inspect
+
+        code = getattr(inspect.unwrap(root_fn), "__code__", None)
+        varstuff = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
+        if is_module and concrete_args is None and code is not None and code.co_flags & varstuff \
+                and code.co_argcount >= 2:
+            def forward_one_input(self, x):
+                return root_fn(self, x)
+
+            return super().create_args_for_root(forward_one_input, is_module, None)
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         try:

@@ -735,3 +735,39 @@ def test_an_untraceable_root_forward_is_one_sentence_naming_the_line():
 
     with pytest.raises(UnsupportedError, match=r"WobblyRoot's own forward in eval mode at test_coverage_rules.py:\d+ `if x.mean\(\) > 0:`"):
         dpruner.prune(WobblyRoot(), torch.randn(1, 3, 8, 8), sparsity=0.5)
+
+
+class C2fLike(nn.Module):
+    """Ultralytics' C2f: `list(x.chunk(2, 1))` and a growing list, which plain torch.fx cannot iterate."""
+
+    def __init__(self, c: int = 8, n: int = 2):
+        super().__init__()
+        self.cv1 = nn.Conv2d(c, 2 * c, 1)
+        self.m = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(n))
+        self.cv2 = nn.Conv2d((2 + n) * c, c, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class VarargsRoot(nn.Module):
+    """A root whose forward takes (x, *args, **kwargs), as Ultralytics' DetectionModel's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = C2fLike()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, *args, **kwargs):
+        return self.head(self.block(torch.relu(self.stem(x)))).mean((2, 3))
+
+
+def test_c2f_blocks_and_varargs_roots_trace_and_prune_exactly():
+    model = VarargsRoot().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = prune_exact(model, x, sparsity=0.5)
+    assert result.opaque == [] and result.prunable_macs_share > 0.9
+    assert model.block.cv1.out_channels < 16 and model.block.m[0].out_channels < 8
