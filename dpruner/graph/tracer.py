@@ -17,16 +17,10 @@ from dpruner.errors import ShapeError, UnsupportedError
 
 
 class _CountedProxy(fx.Proxy):
-    """A proxy that can be iterated when the code fixes its length: `list(x.chunk(2, 1))`, `for p in x.split([2, 6],
-    1)` (Ultralytics' C2f, many CSP blocks). fx alone only unpacks into a literal number of names."""
+    """A proxy with a length when the code fixes it: `list(x.chunk(2, 1))` asks for len() before iterating
+    (Ultralytics' C2f, many CSP blocks). Iteration itself goes through PruningTracer.iter."""
 
-    def __iter__(self):
-        n = _known_length(self.node)
-        if n is None:
-            return super().__iter__()
-        return iter([self[i] for i in range(n)])
-
-    def __len__(self) -> int:  # list(proxy) asks for the length first
+    def __len__(self) -> int:
         n = _known_length(self.node)
         if n is None:
             return super().__len__()
@@ -78,6 +72,14 @@ class PruningTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _CountedProxy(node, self)
+
+    def iter(self, obj):
+        """Iterating a proxy (fx's hook when the code does more than unpack into names): allowed when the call
+        that made it fixes how many tensors it returns (chunk(2), split([2, 6]))."""
+        n = _known_length(obj.node) if isinstance(obj, fx.Proxy) else None
+        if n is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(n)])
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         """A root forward(x, *args, **kwargs) (Ultralytics' models, many wrappers) is traced as forward(x): fx would
