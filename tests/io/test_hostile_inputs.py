@@ -333,7 +333,7 @@ TAMPERS = {
     "plan-of-strings": (lambda o: o.update(plan=["a"]), "pruning plan of type list, not a list of plans"),
     "meta-a-list": (lambda o: o.update(meta=[1, 2]), "holds meta of type list"),
     "shape-a-string": (lambda o: o.update(input_shape="abc"), "stores the input shape 'abc'"),
-    "shape-zero": (lambda o: o.update(input_shape=[1, 0, 8, 8]), "not 3 or 4 positive integers"),
+    "shape-zero": (lambda o: o.update(input_shape=[1, 0, 8, 8]), "not 3 to 5 positive integers"),
     "shape-huge": (lambda o: o.update(input_shape=[1, 1, 10**5, 10**5]), "DPRUNER_MAX_INPUT_ELEMENTS"),
     "state_dict-missing": (lambda o: o.pop("state_dict"), "without a state_dict"),
     "state_dict-value": (lambda o: o["state_dict"].update(extra="text"), "holding a str, not a tensor"),
