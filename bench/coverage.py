@@ -250,6 +250,14 @@ class Counter:
             self.kind = "hooks"
             total, by_module = hook_macs(model, example)
         self.base, self.base_by_module = total, by_module
+        # a module's own MACs: its count minus its direct children's (fvcore's counts include the children), so a
+        # parent named in a group (for a parameter it holds, e.g. a layer scale) does not count its children again
+        children: dict[str, int] = {}
+        for name, value in by_module.items():
+            if name:
+                parent = name.rpartition(".")[0]
+                children[parent] = children.get(parent, 0) + value
+        self.own = {name: value - children.get(name, 0) for name, value in by_module.items()}
 
     def _fvcore(self, model):
         from dpruner.metrics.macs import count_macs
@@ -263,9 +271,8 @@ class Counter:
         return self._fvcore(model)[0] if self.kind == "fvcore" else hook_macs(model, self.example)[0]
 
     def leaf_share(self, names) -> float:
-        """Share of the original MACs in the named layers (each counted once, children of named parents not)."""
-        names = set(names)
-        return sum(v for k, v in self.base_by_module.items() if k in names) / self.base
+        """Share of the original MACs in the named layers (each module's own MACs, children not included)."""
+        return sum(self.own.get(name, 0) for name in set(names)) / self.base
 
 
 def changed_layers(original, pruned) -> list[str]:
@@ -356,8 +363,8 @@ def child_dp(state, model, example, expected, variable_dim0, counter) -> None:
         return
     original = copy.deepcopy(model)
     start = time.perf_counter()
-    try:
-        graph, index = analyze_groups(model, example)
+    try:  # on a copy: the measurement must not change what prune() is given
+        graph, index = analyze_groups(copy.deepcopy(model), example)
         layers = {layer for g in index.groups if g.prunable for layer in g.layers}
         share = counter.leaf_share(layers)
         state.update(stage="analyzed", prunable_share=share, groups=len(index.groups),
@@ -589,16 +596,17 @@ def mem_total_gb() -> float | None:
         return None
 
 
-def run(models: list[str], timeout: float, mem_gb: float) -> None:
+def run(models: list[str], timeout: float, mem_gb: float, rerun: tuple[str, ...] = (),
+        tools: tuple[str, ...] = ("dp", "tp")) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(),
             "timeout_s": timeout, "mem_gb": mem_gb, "cpus": os.cpu_count(), "mem_total_gb": mem_total_gb(), "machine": platform.machine(),
             "models": models}
     with open(RESULTS / "runs.jsonl", "a") as f:
         f.write(json.dumps(meta) + "\n")
-    done = load_results()
+    done = {key: row for key, row in load_results().items() if row["result"] not in rerun}
     for spec in models:
-        for tool in ("dp", "tp"):
+        for tool in tools:
             if (spec, tool) in done:
                 continue
             row = run_isolated(spec, tool, timeout, mem_gb)
@@ -634,7 +642,32 @@ def pct(value) -> str:
 def ratio_cell(row: dict | None) -> str:
     if not row or row.get("ratio") is None:
         return "-"
-    return f"{row['ratio']:.2f}" + (" (hooks)" if row.get("counter") == "hooks" else "")
+    return f"{row['ratio']:.2f}" + (" (hooks)" if row.get("counter") == "hooks" else "") + \
+        (" (target not met)" if row.get("target_met") is False else "")
+
+
+def cause(row: dict) -> str:
+    """A failure's reason folded into a cause shared by several models (for the summary by cause)."""
+    reason = row.get("reason", "")
+    if row["result"] in ("timeout", "memory", "n/a"):
+        return {"timeout": "timeout", "memory": "over the memory cap"}.get(row["result"], reason)
+    m = re.match(r"UnsupportedError: torch\.fx cannot trace \w+ in eval mode \(TraceError: ([^.;)]*)", reason)
+    if m:
+        return f"torch.fx cannot trace the model ({m.group(1).strip()})"
+    m = re.match(r"reached only [\d.]+x MACs \(unprunable: (.*?)(?:; |\)$)", reason)
+    if m:
+        text = re.sub(r"\[[\d, ]+\]", "[...]", re.sub(r"reshape \[.*?\] -> \[.*?\]", "reshape", m.group(1)))
+        return f"below 1.5x: unprunable channels ({text})"
+    if reason.startswith("UnsupportedError: Nothing in the model can be pruned"):
+        m = re.search(r"\(\w+: ([^;]*)", reason)
+        return f"nothing prunable ({m.group(1) if m else '?'})"
+    if reason.startswith("forward fails") or reason.startswith("output structure changed"):
+        return "pruned model broken: " + reason.split(":")[0]
+    m = re.match(r"(\w+Error): (.*)", reason)
+    if m:
+        text = re.sub(r"\d+", "N", m.group(2))
+        return f"{m.group(1)}: {text}"[:90]
+    return reason[:90]
 
 
 def report(models: list[str]) -> None:
@@ -718,6 +751,16 @@ def report(models: list[str]) -> None:
             f"| {m} | {inp} | {cell_result(dp)} | {ratio_cell(dp)} | {pct((dp or {}).get('prunable_share'))} | "
             f"{pct((dp or {}).get('changed_share'))} | {onnx} | {(dp or {}).get('wall_s', '-')} | {cell_result(tp)} | "
             f"{ratio_cell(tp)} | {pct((tp or {}).get('changed_share'))} | {(tp or {}).get('wall_s', '-')} |")
+    for tool, title in (("dp", "dpruner"), ("tp", "Torch-Pruning")):
+        groups: dict[str, list[str]] = {}
+        for m in models:
+            row = rows.get((m, tool))
+            if row and row["result"] != "ok":
+                groups.setdefault(cause(row), []).append(m)
+        if groups:
+            lines += ["", f"Where {title} does not prune, by cause:", "", "| cause | models |", "|---|---|"]
+            for why, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+                lines.append(f"| {md(why)} | {len(names)}: {', '.join(names)} |")
     missing = [m for m in models if m not in complete]
     if missing:
         lines += ["", f"Not yet run: {', '.join(missing)}."]
@@ -732,6 +775,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="only these specs (default: the full list)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per model and tool")
     parser.add_argument("--mem-gb", type=float, default=10, help="address-space cap per model and tool")
+    parser.add_argument("--rerun", nargs="*", default=[], choices=["timeout", "memory", "failed", "ok", "n/a"],
+                        help="also rerun rows with these results (the newest row of a (model, tool) counts)")
+    parser.add_argument("--tools", nargs="+", default=["dp", "tp"], choices=["dp", "tp"], help="run only these tools")
     parser.add_argument("--report-only", action="store_true", help="only regenerate docs/coverage.md")
     parser.add_argument("--list", action="store_true", help="print the model specs and exit")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
@@ -749,7 +795,7 @@ def main() -> None:
         print("\n".join(models))
         return
     if not args.report_only:
-        run(models, args.timeout, args.mem_gb)
+        run(models, args.timeout, args.mem_gb, tuple(args.rerun), tuple(args.tools))
     report(all_models())
 
 
