@@ -353,6 +353,8 @@ def input_description(example) -> str:
 
 
 def child_dp(state, model, example, expected, variable_dim0, counter) -> None:
+    import torch
+
     import dpruner
     from dpruner.errors import DprunerError, EngineError
     from dpruner.methods.api import analyze_groups
@@ -362,6 +364,9 @@ def child_dp(state, model, example, expected, variable_dim0, counter) -> None:
                                                          "example tensor)")
         return
     original = copy.deepcopy(model)
+    given = example
+    if isinstance(example, list):  # torchvision detectors take a list of images, or one batched tensor (as the CLI
+        example = torch.stack(example)  # passes it); dpruner is given the tensor, the checks use the same list
     start = time.perf_counter()
     try:  # on a copy: the measurement must not change what prune() is given
         graph, index = analyze_groups(copy.deepcopy(model), example)
@@ -386,6 +391,7 @@ def child_dp(state, model, example, expected, variable_dim0, counter) -> None:
     reasons = [r for u in sorted(result.unprunable, key=lambda u: -u["channels"]) for r in u["reasons"][:1]]
     state.update(stage="pruned", prune_s=time.perf_counter() - start, target_met=result.target_met,
                  dp_ratio=result.ratio["macs"], unprunable_reasons=blockers(reasons)[:8], engine_error=False)
+    example = given
     ok, why = check_structure(model, example, expected, variable_dim0)
     state.update(stage="checked", forward_ok=ok, forward_reason=why)
     try:

@@ -47,6 +47,8 @@ class Analysis:
     source: dict = field(default_factory=dict)
     groups: list[dict] = field(default_factory=list)  # channel groups: coupled layers, prunable or why not
     groups_error: str | None = None  # why the dependency graph could not be built, if it could not
+    opaque: list[dict] = field(default_factory=list)  # modules torch.fx could not follow (module, reason, whole)
+    prunable_macs_share: float | None = None  # share of the MACs in layers a prunable channel group touches
 
     def to_json(self) -> dict:
         """A versioned, JSON-serialisable document (schema in docs/analyze.md)."""
@@ -64,6 +66,8 @@ class Analysis:
             "summary": {"most_redundant": self.most_redundant},
             "groups": self.groups,
             "groups_error": self.groups_error,
+            "opaque": self.opaque,
+            "prunable_macs_share": self.prunable_macs_share,
             "definitions": DEFINITIONS,
         }
 
@@ -151,7 +155,7 @@ def analyze(
             )
     finally:
         model.train(was_training)
-    groups, groups_error = coupling(model, input_shape)
+    groups, groups_error, opaque, share = coupling(model, input_shape, macs)
     ranked = sorted(
         ((score, layer) for layer in layers if (score := _redundancy_score(layer)) is not None),
         key=lambda item: -item[0],
@@ -172,28 +176,33 @@ def analyze(
         source=dict(source or {}),
         groups=groups,
         groups_error=groups_error,
+        opaque=opaque,
+        prunable_macs_share=share,
     )
 
 
-def coupling(model: nn.Module, input_shape) -> tuple[list[dict], str | None]:
+def coupling(model: nn.Module, input_shape, macs=None) -> tuple[list[dict], str | None, list[dict], float | None]:
     """The channel groups of the model's dependency graph: which layers lose channels together, and for groups
-    that cannot be pruned, the node and reason. A graph that cannot be built is reported, not raised."""
+    that cannot be pruned, the node and reason; the modules torch.fx could not follow; the share of the MACs
+    (`macs`: a MacCount) that prunable groups reach. A graph that cannot be built is reported, not raised."""
     from dpruner.errors import DprunerError
-    from dpruner.methods.api import analyze_groups
+    from dpruner.methods.api import analyze_groups, opaque_summary, prunable_macs_share
 
     try:
         graph, index = analyze_groups(model, torch.randn(*input_shape))
     except DprunerError as exc:
-        return [], str(exc)
+        return [], str(exc), [], None
     except Exception as exc:  # a bug in a graph rule must not cost the user the rest of the analysis
-        return [], f"the dependency graph could not be built ({type(exc).__name__}: {exc}); this is a bug in dpruner"
+        return [], (f"the dependency graph could not be built ({type(exc).__name__}: {exc}); this is a bug in "
+                    "dpruner"), [], None
     out = []
     for g in index.groups:
         if not g.has_producer:
             continue  # the network input's channels: never pruned, nothing to report
         out.append({"id": g.id, "channels": len(g), "layers": g.layers, "prunable": g.prunable,
                     "reasons": g.reasons[:5]})
-    return out, None
+    share = prunable_macs_share(index, macs.by_module, macs.total) if macs is not None else None
+    return out, None, opaque_summary(graph), share
 
 
 def _measure_for(module: nn.Module, measures: Mapping[type, Measure]) -> Measure | None:

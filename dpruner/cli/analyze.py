@@ -120,10 +120,16 @@ def render(result) -> None:
     if result.groups_error:
         out.print(f"[yellow]Channel coupling unavailable:[/yellow] {result.groups_error}")
     elif result.groups:
+        from dpruner.cli.output import opaque_lines
+
         prunable = [g for g in result.groups if g["prunable"]]
         coupled = [g for g in prunable if len({name for name in g["layers"]}) > 3]
+        share = result.prunable_macs_share
+        reach = f"; the layers they touch hold {100 * share:.0f}% of the MACs" if share is not None else ""
         out.print(f"Channel groups: {len(prunable)} prunable ({sum(g['channels'] for g in prunable):,} channels), "
-                  f"{len(result.groups) - len(prunable)} unprunable.")
+                  f"{len(result.groups) - len(prunable)} unprunable{reach}.")
+        for line in opaque_lines(result.opaque):
+            out.print(line, soft_wrap=True)
         for g in sorted(coupled, key=lambda g: -len(g["layers"]))[:3]:
             out.print(f"  coupled: {len(g['layers'])} layers share {g['channels']} channels "
                       f"({', '.join(g['layers'][:4])}, ...)")

@@ -108,6 +108,8 @@ def export(
         out = stdout_console()
         out.print(rich_table(doc, title))
         out.print(verification_line(doc))
+        if result.info.note:
+            out.print(f"[yellow]note:[/yellow] {result.info.note}")
         out.print(f"[dim]{footer(doc)}[/dim]")
     if not result.verification.passed:
         print_error(
@@ -123,10 +125,10 @@ def _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, s
     from dpruner.report.compare import build_report
 
     written = result.written
-    # latency runs at every --batches size: a static-batch file cannot, so a dynamic twin is timed instead
+    # latency runs at every --batches size: where the written file cannot (a static batch), a twin is timed
     settings = {"opset": opset, "exporter": exporter}
     after = facts_for(after_loaded.model, shape, model, bundle, sizes, n_threads, latency,
-                      onnx_path=onnx if written and not static_batch else None, memory=memory, export=settings,
+                      onnx_path=onnx if written else None, memory=memory, export=settings,
                       accuracy=accuracy)
     if written:
         after.onnx_bytes = onnx.stat().st_size

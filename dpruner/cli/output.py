@@ -54,3 +54,22 @@ def print_error(message: str) -> None:
     """'error: <message>' on stderr as one unwrapped line (Rich would wrap it at the terminal width)."""
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
+
+
+def opaque_lines(opaque: list[dict], limit: int = 5) -> list[str]:
+    """Rich lines for the modules torch.fx could not follow (prune and analyze print the same)."""
+    if not opaque:
+        return []
+    split = [o for o in opaque if not o.get("whole", True)]
+    whole = [o for o in opaque if o.get("whole", True)]
+    lines = []
+    if split:
+        lines.append(f"[yellow]torch.fx could not follow the forward of {len(split)} module"
+                     f"{'s' if len(split) != 1 else ''}[/yellow]; the blocks inside were traced one by one (their "
+                     "inputs and outputs keep their channels):")
+        lines += [f"  {o['module'] or '(the model)'}: {o['reason']}" for o in split[:limit]]
+    if whole:
+        lines.append(f"[yellow]{len(whole)} block{'s' if len(whole) != 1 else ''} torch.fx could not trace "
+                     f"{'were' if len(whole) != 1 else 'was'} kept whole[/yellow], e.g.:")
+        lines += [f"  {o['module'] or '(the model)'}: {o['reason']}" for o in whole[:limit]]
+    return lines

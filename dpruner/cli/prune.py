@@ -64,8 +64,9 @@ def prune(
     or to an accuracy tolerance (--tolerance: prune, fine-tune, measure, adapt the rate; rank 0 writes)."""
     import torch
 
-    from dpruner.errors import ArchError, EXIT_TARGET_NOT_MET, InputError
-    from dpruner.io import load_checkpoint, save_checkpoint
+    from dpruner.errors import EXIT_TARGET_NOT_MET, InputError
+    from dpruner.io import load_checkpoint
+    from dpruner.io.dpruner_format import save_pruned
     from dpruner.io.arch import resolve_class
     from dpruner.io.atomic import check_not_input, check_output_path
     from dpruner.io.shapes import resolve_input_shape
@@ -106,11 +107,6 @@ def prune(
     from dpruner.validate import finite_weights
 
     finite_weights(loaded.model, f"'{model}'")
-    if loaded.arch is None:
-        raise ArchError(
-            f"'{model}' holds a whole pickled model; dpruner's checkpoint names the architecture, so pass --arch "
-            "with a factory that builds it."
-        )
     shape, origin = resolve_input_shape(input_shape, stored=loaded.input_shape, arch=loaded.arch,
                                         source=str(model), model=loaded.model)
     if origin.endswith(" default") and data is None:
@@ -134,8 +130,8 @@ def prune(
     )
     meta = {**loaded.meta, "pruned": {"method": method, "allocation": allocation, "target": target,
                                       "requested": result.requested, "ratio": result.ratio, "source": str(model)}}
-    save_checkpoint(output, result.model, inputs=[model], arch=loaded.arch, num_classes=loaded.num_classes,
-                    input_shape=shape, plan=[*(loaded.plan or []), result.plan], meta=meta)
+    save_pruned(output, result.model, loaded, inputs=[model], input_shape=shape,
+                plan=[*(loaded.plan or []), result.plan], meta=meta, dtype=_source_dtype(loaded))
     document = {"schema": SCHEMA_VERSION, "input": str(model), "output": str(output), "arch": loaded.arch,
                 "input_shape": list(shape), **result.to_json()}
     if json_output:
@@ -148,6 +144,14 @@ def prune(
         raise typer.Exit(EXIT_TARGET_NOT_MET)
 
 
+def _source_dtype(loaded):
+    """The dtype a trusted pickle stored its weights in (written back in it), or None."""
+    import torch
+
+    name = loaded.meta.get("dtype") if loaded.arch is None else None
+    return getattr(torch, name) if name in ("float16", "bfloat16") else None
+
+
 def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, *, controller, one_shot,
                      distill: bool, method: str, json_output: bool, log, resume: bool) -> None:
     """--data given: prune to a tolerance (`controller`: Play-and-Prune), or prune one-shot (`one_shot`: the
@@ -157,7 +161,7 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
     import torch
 
     from dpruner.errors import EXIT_TARGET_NOT_MET, InputError
-    from dpruner.io import save_checkpoint
+    from dpruner.io.dpruner_format import save_pruned
     from dpruner.methods.api import prune as run_prune
     from dpruner.methods.tolerance import prune_to_tolerance, to_json_history
     from dpruner.train.api import evaluate_splits
@@ -225,8 +229,8 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
                                           "ratio": document["ratio"], "source": str(model),
                                           "val_accuracy": after_doc["accuracy"],
                                           "test_accuracy": after_doc.get("test_accuracy")}}
-        save_checkpoint(output, pruned, inputs=[model], arch=loaded.arch, num_classes=loaded.num_classes,
-                        input_shape=shape, plan=[*(loaded.plan or []), *plans], meta=meta)
+        save_pruned(output, pruned, loaded, inputs=[model], input_shape=shape, plan=[*(loaded.plan or []), *plans],
+                    meta=meta, dtype=_source_dtype(loaded))
     else:
         document["output"] = None
     if controller is not None:
@@ -271,10 +275,10 @@ def render(doc: dict) -> None:
     share = doc.get("prunable_macs_share")
     reach = f"; the layers they touch hold {100 * share:.0f}% of the MACs" if share is not None else ""
     out.print(f"{len(pruned)} of {len(doc['groups'])} prunable channel groups pruned{reach}.")
-    if doc.get("opaque"):
-        out.print(f"[yellow]{len(doc['opaque'])} blocks torch.fx could not trace were kept whole[/yellow], e.g.:")
-        for item in doc["opaque"][:5]:
-            out.print(f"  {item['module']}: {item['reason']}", soft_wrap=True)
+    from dpruner.cli.output import opaque_lines
+
+    for line in opaque_lines(doc.get("opaque", [])):
+        out.print(line, soft_wrap=True)
     if doc["unprunable"]:
         out.print(f"[yellow]{len(doc['unprunable'])} channel groups could not be pruned[/yellow], e.g.:")
         for item in doc["unprunable"][:5]:

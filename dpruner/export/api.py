@@ -26,6 +26,11 @@ class ExportResult:
         return {"onnx": self.info.to_json(), "verification": self.verification.to_json(), "written": self.written}
 
 
+def _is_runtime_failure(exc: BaseException) -> bool:
+    """An error raised by ONNX Runtime while running the exported graph."""
+    return type(exc).__module__.startswith("onnxruntime")
+
+
 def export_model(model: nn.Module, input_shape: tuple[int, ...], output: str | os.PathLike, *,
                  inputs: Iterable = (), opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
                  exporter: str = "torchscript", simplify: bool = False, atol: float = DEFAULT_ATOL,
@@ -45,18 +50,32 @@ def export_model(model: nn.Module, input_shape: tuple[int, ...], output: str | o
     tmp = Path(tmp_name)
     slim = tmp.with_suffix(".slim.onnx")
     try:
-        info = export_onnx(model, input_shape, tmp, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter)
-        check_onnx(tmp)
-        final = tmp
-        simplifier = None
-        if simplify:
-            simplifier = simplify_onnx(tmp, slim)
-            check_onnx(slim)
-            final = slim
-        verification = verify_onnx(model, final, input_shape, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol,
-                                   loader=loader)
+        def attempt(dynamic: bool):
+            export_onnx(model, input_shape, tmp, opset=opset, dynamic_batch=dynamic, exporter=exporter)
+            check_onnx(tmp)
+            final, simplifier = tmp, None
+            if simplify:
+                simplifier = simplify_onnx(tmp, slim)
+                check_onnx(slim)
+                final = slim
+            return final, simplifier, verify_onnx(model, final, input_shape, dynamic_batch=dynamic, atol=atol,
+                                                  rtol=rtol, loader=loader)
+
+        note = ""
+        try:
+            final, simplifier, verification = attempt(dynamic_batch)
+        except Exception as exc:
+            if not dynamic_batch or not _is_runtime_failure(exc):
+                raise
+            # A forward that loops over the batch in Python (torchvision's detectors: `for img in images`) is
+            # recorded for the export batch only; such a graph fails at any other batch size in ONNX Runtime.
+            final, simplifier, verification = attempt(False)
+            dynamic_batch = False
+            note = (f"exported with a static batch of {input_shape[0]}: the graph exported with a dynamic batch "
+                    "fails at other batch sizes in ONNX Runtime (the model's forward fixes the batch, e.g. a loop "
+                    "over images)")
         info = ExportInfo(str(output), opset, exporter, dynamic_batch, tuple(input_shape), final.stat().st_size,
-                          simplify, simplifier)
+                          simplify, simplifier, note)
         written = verification.passed or keep_on_failure
         if written:
             os.chmod(final, 0o644)

@@ -33,11 +33,13 @@ class ExportInfo:
     file_bytes: int
     simplified: bool = False
     simplifier: str | None = None
+    note: str = ""  # why the file differs from what was asked (e.g. a static batch for a model that fixes it)
 
     def to_json(self) -> dict:
         return {"path": self.path, "opset": self.opset, "exporter": self.exporter,
                 "dynamic_batch": self.dynamic_batch, "input_shape": list(self.input_shape),
-                "file_bytes": self.file_bytes, "simplified": self.simplified, "simplifier": self.simplifier}
+                "file_bytes": self.file_bytes, "simplified": self.simplified, "simplifier": self.simplifier,
+                "note": self.note}
 
 
 

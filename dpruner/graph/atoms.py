@@ -125,6 +125,15 @@ class Opaque:
 
 
 @dataclass(frozen=True)
+class ChanCount:
+    """The channel count of a tensor, read in the forward (`C` of `B, C, H, W = x.shape`, `x.size(1)`). It follows a
+    pruned width where it only sizes the channel dim of a view/reshape/expand of a tensor with as many channels
+    (those channels are then coupled); any other use (arithmetic, a comparison, a loop bound) pins the channels."""
+
+    atoms: np.ndarray
+
+
+@dataclass(frozen=True)
 class ShapeOf:
     """`x.shape` / `x.size()` of a tracked tensor. Reading its channel entry turns the channel count into a
     constant the graph cannot follow (e.g. `B, C, H, W = x.shape; y.view(B, C, -1)`), so doing so pins x's

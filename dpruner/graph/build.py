@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dpruner.graph.atoms import AtomTable, Chan, Opaque, ParamRef, ShapeOf
+from dpruner.graph.atoms import AtomTable, Chan, ChanCount, Opaque, ParamRef, ShapeOf
 from dpruner.graph.tracer import Trace, owner_of, trace_model
 
 
@@ -51,6 +51,19 @@ class PadSite:
 
 
 @dataclass
+class AttrSite:
+    """An integer attribute of a module that the forward code reads as a size (`self.num_heads` in a reshape,
+    `self.attn_dim`): after pruning it becomes the number of kept positions among `atoms` (confirmed by tracing
+    the module again with the attribute changed: the size in the graph must follow it)."""
+
+    owner: str
+    attr: str
+    atoms: np.ndarray
+    node: str
+    index: int | None = None  # the entry of a list/tuple attribute (split sizes), None for an int attribute
+
+
+@dataclass
 class DependencyGraph:
     """Everything the planner and surgery need; see module docstring."""
 
@@ -60,6 +73,9 @@ class DependencyGraph:
     modules: dict[str, nn.Module]
     unsupported: list[str] = field(default_factory=list)  # one line per node the rules did not understand
     opaque: dict[str, str] = field(default_factory=dict)  # blocks torch.fx could not trace -> where it stopped
+    attrs: dict[tuple, AttrSite] = field(default_factory=dict)  # (owner, attr, index) -> size attribute to rewrite
+    scopes: list[str] = field(default_factory=lambda: [""])  # traced blocks ('' = the whole model was traced)
+    split: set[str] = field(default_factory=set)  # opaque modules whose own blocks were traced one by one
 
 
 class Builder:
@@ -80,6 +96,11 @@ class Builder:
         self.method_rules = method_rules
         self.values: dict[fx.Node, Any] = {}
         self._pad_counter: dict[str, int] = {}
+        self.scope = ""  # the traced block of the current pass ('' = the whole model)
+        self.opaque_names: set[str] = set()  # blocks of the current trace torch.fx could not follow
+        self.attrs: dict[tuple, AttrSite] = {}
+        self._confirmed: dict[tuple, bool] = {}
+        self.counted: set = set()  # (view node, shape position) whose ChanCount was coupled to the channel dim
 
     # ---- values ------------------------------------------------------------------------------------------------
     def val(self, arg):
@@ -134,6 +155,26 @@ class Builder:
             self.atoms.union_pairwise(old.before, before)
             self.atoms.union_pairwise(old.after, after)
 
+    def attr_site(self, node: fx.Node, owner: str, attr: str, atoms: np.ndarray, index: int | None = None) -> None:
+        """Record that `owner.attr` (entry `index` of it, for a list) must become the number of kept positions
+        among `atoms`; a second sighting (another call, the other trace mode) must agree position by position."""
+        key = (owner, attr, index)
+        old = self.attrs.get(key)
+        if old is None:
+            self.attrs[key] = AttrSite(owner, attr, np.asarray(atoms).copy(), node.name, index)
+        elif len(old.atoms) == len(atoms):
+            self.atoms.union_pairwise(old.atoms, atoms)
+        else:
+            reason = f"{node.name}: {owner}.{attr} sizes tensors of different widths"
+            self.atoms.block(atoms, reason)
+            self.atoms.block(old.atoms, reason)
+
+    def confirmed(self, key: tuple, check) -> bool:
+        """Memoised `check()` (re-tracing a module is not free; train and eval passes ask the same)."""
+        if key not in self._confirmed:
+            self._confirmed[key] = bool(check())
+        return self._confirmed[key]
+
     def param_ref(self, ref: ParamRef) -> tuple[str, str]:
         module, _, name = ref.target.rpartition(".")
         return module, name
@@ -153,6 +194,8 @@ class Builder:
         consuming layer keeps those channels. None when `arg` is not a tensor."""
         if isinstance(value, Chan):
             return value
+        if isinstance(value, Opaque) and value.reason != "network input":
+            reason = f"{reason}: {value.reason}"
         shape = self.shape(arg)
         if shape is None or not shape:
             return None
@@ -177,29 +220,54 @@ class Builder:
     def run(self, trace: Trace) -> None:
         self.values = {}
         self._pad_counter = {}
+        self.scope = trace.scope
+        self.opaque_names = set(trace.opaque)
         for node in trace.graph.nodes:
             self.values[node] = self._visit(trace.root, node)
+            self._pin_unused_counts(node)
+
+    def _pin_unused_counts(self, node: fx.Node) -> None:
+        """A channel count (ChanCount) given to a view/reshape/expand that its rule did not couple to the channel
+        dim (it sizes another dim, or the view was not understood) pins those channels."""
+        from dpruner.graph.rules import _shape_args
+
+        if not (node.op == "call_method" and node.target in ("view", "reshape", "expand")
+                or node.op == "call_function" and node.target is torch.reshape):
+            return
+        for pos, arg in enumerate(_shape_args(node) or []):
+            value = self.val(arg) if isinstance(arg, fx.Node) else None
+            if isinstance(value, ChanCount) and (node, pos) not in self.counted:
+                self.atoms.block(value.atoms, f"{node.name}: uses a channel count read from a shape")
 
     def _visit(self, gm: nn.Module, node: fx.Node):
         if node.target is not operator.getitem:  # a whole shape used anywhere but for indexing pins the channels
+            sizes_a_view = node.target in ("view", "reshape", "expand") if node.op == "call_method" else \
+                node.op == "call_function" and node.target is torch.reshape
             for value in _flatten([self.val(a) for a in node.args] + [self.val(v) for v in node.kwargs.values()]):
                 if isinstance(value, ShapeOf):
                     self.atoms.block(value.chan.atoms, f"{node.name}: uses the shape of a tensor, channel count included")
+                elif isinstance(value, ChanCount) and not sizes_a_view:  # the view rules couple or pin it
+                    self.atoms.block(value.atoms, f"{node.name}: uses a channel count read from a shape")
         if node.op == "placeholder":
-            return Opaque("network input") if self.shape(node) else None
+            return (Opaque(f"input of {self.scope} (fed by code torch.fx cannot trace)" if self.scope
+                           else "network input") if self.shape(node) else None)
         if node.op == "get_attr":
             value = _get_attr(gm, node.target)
             return ParamRef(node.target, tuple(value.shape)) if isinstance(value, torch.Tensor) else None
         if node.op == "output":
             for value in _flatten([self.val(node.args[0])]):
                 if isinstance(value, Chan):
-                    self.atoms.block(value.atoms, "network output")
+                    self.atoms.block(value.atoms, f"output of {self.scope} (read by code torch.fx cannot trace)"
+                                     if self.scope else "network output")
                 elif isinstance(value, ParamRef):
                     self.frozen.setdefault(self.param_ref(value)[0], "returned as an output")
             return None
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             rule = _lookup_type(type(module), self.module_rules)
+            if rule is None and node.target in self.opaque_names:
+                return self.unknown(node, f"{type(module).__name__} '{node.target}', whose forward torch.fx could "
+                                          "not follow, reads or makes these channels")
             if rule is None:
                 return self.unknown(node, f"module {type(module).__name__} has no pruning rule")
             return rule(self, node, node.target, module)
@@ -269,9 +337,14 @@ def build_graph(
         {**rules.METHOD_RULES, **(method_rules or {})},
     )
     opaque: dict[str, str] = {}
+    scopes: list[str] = []
+    split: set[str] = set()
     for trace in traces if traces is not None else trace_model(model, example, leaf_modules=leaf_modules):
         builder.run(trace)
         opaque.update(trace.opaque)
+        if trace.scope not in scopes:
+            scopes.append(trace.scope)
+        split |= trace.split
     # A parameter of a layer that surgery resizes as a whole (a BatchNorm's weight, a conv's bias) used directly in
     # the forward (`y * self.bn.weight.view(1, -1, 1, 1)`) would be sliced twice: once by its layer's resizer, once
     # as a coupled parameter. Both sets of channels keep their width instead.
@@ -286,4 +359,5 @@ def build_graph(
         for slot in builder.slots.values():
             if slot.module == module:
                 builder.atoms.block(slot.atoms, f"{module}: parameter used by {reason}")
-    return DependencyGraph(builder.atoms, builder.slots, builder.pads, builder.modules, builder.unsupported, opaque)
+    return DependencyGraph(builder.atoms, builder.slots, builder.pads, builder.modules, builder.unsupported, opaque,
+                           builder.attrs, scopes or [""], split)

@@ -6,6 +6,7 @@ input, so it is an EngineError (exit 70) naming the graph node that failed and t
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -27,23 +28,74 @@ def output_signature(value) -> object:
     return type(value).__name__
 
 
-def check_pruned(model: nn.Module, example: torch.Tensor, expected: object, *,
-                 leaf_modules: Iterable[type] = ()) -> None:
-    """Run the pruned `model` once (eval mode, no grad); raise EngineError when it fails or when its output
-    signature differs from `expected` (output_signature of the original on the same input)."""
+@dataclass(frozen=True)
+class Expected:
+    """What a pruned model must reproduce: the output signature and, when the model was traced block by block
+    (its own forward is untraceable), each traced block's output signature. Then the first dim of every tensor
+    may change: untraced code between the blocks may depend on the weights (a detector's number of boxes and
+    of region proposals); every other dim must match."""
+
+    root: object
+    blocks: dict = field(default_factory=dict)
+
+
+def expected_outputs(model: nn.Module, example: torch.Tensor, scopes: Iterable[str] = ()) -> Expected:
+    """Expected of `model` on `example` (eval mode, no grad); `scopes` are the separately traced blocks."""
+    root, blocks = _run_recording(model, example, [s for s in scopes if s])
+    return Expected(output_signature(root), {k: output_signature(v) for k, v in blocks.items()})
+
+
+def _run_recording(model: nn.Module, example: torch.Tensor, scopes: list[str]):
+    """The model's output and the first output of each named block, from one forward pass."""
+    blocks: dict = {}
+    handles = []
+    for scope in scopes:
+        def hook(module, args, out, scope=scope):
+            blocks.setdefault(scope, out)
+        handles.append(model.get_submodule(scope).register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(example)
+            return model(example), blocks
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
+def _loose(signature) -> object:
+    """A signature with the first dim of every tensor shape dropped."""
+    if isinstance(signature, tuple) and all(isinstance(d, int) for d in signature):
+        return ("*", *signature[1:]) if signature else signature
+    if isinstance(signature, dict):
+        return {k: _loose(v) for k, v in signature.items()}
+    if isinstance(signature, (list, tuple)):
+        return type(signature)(_loose(v) for v in signature)
+    return signature
+
+
+def check_pruned(model: nn.Module, example: torch.Tensor, expected: object, *,
+                 leaf_modules: Iterable[type] = ()) -> None:
+    """Run the pruned `model` once (eval mode, no grad); raise EngineError when it fails or when its output
+    signature differs from `expected` (an Expected, or output_signature of the original on the same input)."""
+    if not isinstance(expected, Expected):
+        expected = Expected(expected)
+    try:
+        out, blocks = _run_recording(model, example, list(expected.blocks))
     except Exception as exc:
         node, detail, layers = locate_failure(model, example, leaf_modules)
         raise EngineError(_message(f"fails at {node}" if node else "fails", detail or _text(exc), layers)) from exc
-    finally:
-        model.train(was_training)
+    for scope, want in expected.blocks.items():
+        got = output_signature(blocks.get(scope))
+        if _loose(got) != _loose(want):
+            raise EngineError(_message(f"block '{scope}' returns outputs of shape {got} instead of {want}", "",
+                                       [scope]))
     got = output_signature(out)
-    if got != expected:
-        raise EngineError(_message(f"returns outputs of shape {got} instead of {expected}", "", []))
+    if expected.blocks and _loose(got) == _loose(expected.root):
+        return
+    if got != expected.root:
+        raise EngineError(_message(f"returns outputs of shape {got} instead of {expected.root}", "", []))
 
 
 def locate_failure(model: nn.Module, example: torch.Tensor,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpruner.graph.atoms import Chan, Opaque, ParamRef, ShapeOf
+from dpruner.graph.atoms import Chan, ChanCount, Opaque, ParamRef, ShapeOf
 from dpruner.graph.tracer import owner_of
 
 
@@ -98,7 +98,7 @@ def size(b, node):
     if dim is None:
         return ShapeOf(x, ndim)
     if isinstance(dim, int) and dim % ndim == x.axis:
-        b.atoms.block(x.atoms, f"{node.name}: reads the channel count")
+        return ChanCount(x.atoms)
     return None
 
 
@@ -273,6 +273,18 @@ def cat(b, node):
     dim = _arg(node, 1, "dim", 0)
     values = [b.val(t) for t in tensors]
     ndim = _ndim(b, node)
+    chans = [v for v in values if isinstance(v, Chan)]
+    if ndim is not None and chans and all(isinstance(v, (Chan, ParamRef)) for v in values) and \
+            len({v.axis for v in chans}) == 1 and dim % ndim != chans[0].axis:
+        # a parameter joined along another dim (ViT's class token before the patch tokens): sliced with them
+        axis = chans[0].axis
+        for v in values:
+            if isinstance(v, ParamRef):
+                if len(v.shape) != ndim or v.shape[axis] != len(chans[0]) or v.param_dim(axis) is None:
+                    return b.unknown(node, "cat with a parameter of another width")
+                module, param = b.param_ref(v)
+                b.slot(module, "param", chans[0].atoms, param=param, dim=v.param_dim(axis))
+        values = chans
     if ndim is None or not all(isinstance(v, Chan) for v in values):
         return b.unknown(node, "cat with tensors of unknown channel layout")
     dim %= ndim
@@ -345,6 +357,13 @@ def split(b, node):
         for piece in pieces[1:]:
             b.atoms.union_pairwise(pieces[0].atoms, piece.atoms)
         return tuple(pieces)
+    if op == "split" and isinstance(how, (list, tuple)) and all(type(v) is int for v in how):
+        site = _split_attr(b, node, list(how))
+        if site is not None:  # the sizes are the module's: rewrite them after pruning, piece by piece
+            for i, piece in enumerate(pieces):
+                b.attr_site(node, *site, piece.atoms, index=i)
+                b.atoms.block(piece.atoms[:1], f"{node.name}: keeps one channel per piece of the split")
+            return tuple(pieces)
     shown = how if isinstance(how, int) else list(how) if isinstance(how, (list, tuple)) else "computed"
     if isinstance(how, (list, tuple)) and any(isinstance(v, torch.fx.Node) for v in how):
         shown = "computed"
@@ -363,7 +382,9 @@ def getitem(b, node):
     if isinstance(base, ShapeOf):
         picked = range(base.ndim)[index] if isinstance(index, (int, slice)) else None
         picked = [picked] if isinstance(picked, int) else picked
-        if picked is None or base.chan.axis in picked:
+        if isinstance(index, int) and picked == [base.chan.axis]:
+            return ChanCount(base.chan.atoms)  # `C` of `B, C, H, W = x.shape`: see ChanCount
+        if (picked is None or base.chan.axis in picked) and node.users:  # `B, N, C = x.shape` with C unused: fine
             b.atoms.block(base.chan.atoms, f"{node.name}: reads the channel count from a shape")
         return None
     if isinstance(base, (tuple, list)):
@@ -382,6 +403,14 @@ def getitem(b, node):
         else:
             expanded.append(item)
     if isinstance(base, ParamRef):  # only views: self.gamma[:, None, None], self.scale[None, ...]
+        shape = b.shape(node)
+        if expanded and isinstance(expanded[0], torch.fx.Node) and all(i == slice(None) for i in expanded[1:]) \
+                and shape is not None and len(shape) >= len(base.shape) - 1:
+            # rows gathered by an index tensor (Swin's relative position bias table[index]): the other dims stay
+            # the parameter's, so slicing one of them commutes with the gather
+            lead = len(shape) - (len(base.shape) - 1)
+            return ParamRef(base.target, tuple(shape),
+                            (*[None] * lead, *[base.param_dim(d) for d in range(1, len(base.shape))]))
         if any(i is not None and i != slice(None) for i in expanded):
             return b.unknown(node, "indexing a parameter")
         dims, d = [], 0
@@ -514,6 +543,36 @@ def _fixed_size(node, dim: int, out_ndim: int) -> str | None:
     return f"a fixed size {value}" if isinstance(value, int) else "a size computed in the forward"
 
 
+def _reshape_gathered(b, node, ref: ParamRef, out_shape):
+    """Reshape of a parameter whose only wide parameter dim survives whole (written -1) while the dims gathered
+    from it (dims None, see getitem) merge or split: `table[index].view(49, 49, -1)`."""
+    mapped = [d for d in range(len(ref.shape)) if ref.param_dim(d) is not None and ref.shape[d] > 1]
+    if len(mapped) != 1:
+        return b.unknown(node, "reshape of a parameter that merges or splits its dims")
+    m = mapped[0]
+    for k in range(len(out_shape)):
+        if math.prod(out_shape[:k]) == math.prod(ref.shape[:m]) and out_shape[k] == ref.shape[m] and \
+                math.prod(out_shape[k + 1:]) == math.prod(ref.shape[m + 1:]):
+            if _fixed_size(node, k, len(out_shape)):
+                return b.unknown(node, "reshape of a parameter to a fixed size")
+            dims = [None] * len(out_shape)
+            dims[k] = ref.param_dim(m)
+            return ParamRef(ref.target, tuple(out_shape), tuple(dims))
+    return b.unknown(node, "reshape of a parameter that merges or splits its dims")
+
+
+def _follows_count(b, node, dim: int, atoms: np.ndarray) -> bool:
+    """True when the size written for output dim `dim` is a channel count read in the forward (ChanCount) of as
+    many channels as `atoms`: both widths then shrink together, so they are coupled instead of pinned."""
+    args = _shape_args(node)
+    value = b.val(args[dim]) if args is not None and dim < len(args) and isinstance(args[dim], torch.fx.Node) else None
+    if not isinstance(value, ChanCount) or len(value.atoms) != len(atoms):
+        return False
+    b.atoms.union_pairwise(value.atoms, atoms)
+    b.counted.add((node, dim))
+    return True
+
+
 def _reshape_param(b, node, ref: ParamRef, out_shape):
     """view/reshape/flatten of a parameter that only adds or drops size-1 dims (`self.gamma.view(1, -1, 1, 1)`):
     a view of it. A dim longer than 1 must be written -1 in the code (its length follows the pruned parameter);
@@ -524,7 +583,7 @@ def _reshape_param(b, node, ref: ParamRef, out_shape):
     src = [d for d, n in enumerate(ref.shape) if n != 1]
     dst = [d for d, n in enumerate(out_shape) if n != 1]
     if [ref.shape[d] for d in src] != [out_shape[d] for d in dst]:
-        return b.unknown(node, "reshape of a parameter that merges or splits its dims")
+        return _reshape_gathered(b, node, ref, out_shape)
     written = (node.op == "call_method" and node.target in ("view", "reshape")) or \
         (node.op == "call_function" and node.target is torch.reshape)
     if written and any(_fixed_size(node, d, len(out_shape)) for d in dst):
@@ -566,18 +625,246 @@ def reshape(b, node):
                     trailing *= in_shape[d]
         if result is not None:
             fixed = _fixed_size(node, k, len(out_shape)) if size > 1 else None
+            if fixed and _follows_count(b, node, k, result.atoms):
+                fixed = None
             if fixed:
-                b.atoms.block(x.atoms, f"{node.name}: {_op_name(node)} gives the channel dim {fixed}")
+                literal = (_shape_args(node) or [None] * len(out_shape))[k]
+                site = _size_attr(b, node, k, literal) if isinstance(literal, int) else None
+                if site is not None:  # `reshape(B, N, self.attn_dim)`: the attribute follows the pruned width
+                    b.attr_site(node, *site, result.atoms)
+                else:
+                    b.atoms.block(x.atoms, f"{node.name}: {_op_name(node)} gives the channel dim {fixed}")
             return result
+    heads = _split_heads(b, node, x, in_shape, out_shape)
+    if heads is not None:
+        return heads
     return b.unknown(node, f"reshape {list(in_shape)} -> {list(out_shape)} splits or mixes the channel dim")
+
+
+# ---- sizes the code reads from module attributes: attention heads ----------------------------------------------
+#
+# A literal size in a view/reshape is usually a constant of the code, and a pruned width cannot follow it. But
+# attention blocks read it from the module: `qkv.reshape(B, N, 3, self.num_heads, self.head_dim)` and, after the
+# attention, `x.reshape(B, N, self.attn_dim)`. fx records those as plain numbers, so dpruner confirms where one
+# comes from: it traces the owner module again with the attribute changed by one and checks that the same call
+# now has the changed size at the same place. A confirmed attribute is rewritten after pruning (AttrSite), so the
+# forward code follows the new width. Heads are removed whole: the q, k and v rows of one head (and the matching
+# input columns of the output projection) form one prunable channel; the head size stays.
+
+HEAD_ATTRS = frozenset({"num_heads", "heads", "n_heads", "n_head", "nhead", "num_attention_heads", "num_head"})
+
+
+def _size_attr(b, node, pos: int, value: int, names=None) -> tuple[str, str] | None:
+    """(owner, attribute) when the literal `value` at position `pos` of this view/reshape's shape is an integer
+    attribute of the module whose forward made the call (restricted to `names` if given), confirmed by re-tracing."""
+    owner = owner_of(node)
+    module = b.modules.get(owner)
+    if module is None or value < 1:
+        return None
+    for attr, current in list(vars(module).items()):
+        if type(current) is not int or current != value or attr.startswith("_") or (names and attr not in names):
+            continue
+
+        def probe(theirs, pos=pos):
+            args = _shape_args(theirs)
+            return args is not None and pos < len(args) and args[pos] == value + 1
+
+        if _confirm(b, node, owner, module, attr, value + 1, ("shape", pos), probe):
+            return owner, attr
+    return None
+
+
+def _split_attr(b, node, sizes: list[int]) -> tuple[str, str] | None:
+    """(owner, attribute) when the literal split sizes are a list/tuple attribute of the calling module (timm's
+    MixedConv2d: `torch.split(x, self.splits, 1)`), confirmed by re-tracing with its first entry changed."""
+    owner = owner_of(node)
+    module = b.modules.get(owner)
+    if module is None:
+        return None
+    for attr, current in list(vars(module).items()):
+        if not isinstance(current, (list, tuple)) or attr.startswith("_") or \
+                [int(v) if type(v) is int else None for v in current] != list(sizes):
+            continue
+        changed = type(current)([current[0] + 1, *current[1:]])
+
+        def probe(theirs):
+            how = theirs.args[1] if len(theirs.args) > 1 else None
+            return isinstance(how, (list, tuple)) and list(how) == list(changed)
+
+        if _confirm(b, node, owner, module, attr, changed, ("split",), probe):
+            return owner, attr
+    return None
+
+
+def _confirm(b, node, owner: str, module: nn.Module, attr: str, changed, what: tuple, probe) -> bool:
+    """Trace `module` alone with `attr` set to `changed`: does `probe` hold for the call matching `node` (the
+    same op, the same order among its own calls)? Memoised on the builder."""
+    import warnings
+
+    from dpruner.graph.tracer import PruningTracer
+
+    mine = [n for n in node.graph.nodes if n.op == node.op and n.target == node.target and owner_of(n) == owner]
+    order = mine.index(node)
+
+    def check() -> bool:
+        old = getattr(module, attr)
+        setattr(module, attr, changed)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = PruningTracer().trace(module)
+        except Exception:  # noqa: BLE001 - a module that does not trace alone is simply not confirmed
+            return False
+        finally:
+            setattr(module, attr, old)
+        theirs = [n for n in graph.nodes if n.op == node.op and n.target == node.target and not owner_of(n)]
+        return order < len(theirs) and bool(probe(theirs[order]))
+
+    return b.confirmed((owner, attr, node.op, str(node.target), order, *what), check)
+
+
+def _split_heads(b, node, x: Chan, in_shape, out_shape) -> Chan | None:
+    """A reshape that splits the channel dim into (..., heads, ...) with the heads count read from the module
+    (`self.num_heads`, confirmed): every position of one head is coupled into one channel, and the output carries
+    one atom per head on the heads dim. None when the reshape is not of this kind."""
+    args = _shape_args(node)
+    if args is None or len(args) != len(out_shape):
+        return None
+    pre, size, post = math.prod(in_shape[: x.axis]), in_shape[x.axis], math.prod(in_shape[x.axis + 1:])
+    for k in range(len(out_shape)):
+        if math.prod(out_shape[:k]) != pre:
+            continue
+        for m in range(2, len(out_shape) - k + 1):
+            if math.prod(out_shape[k:k + m]) != size or math.prod(out_shape[k + m:]) != post:
+                continue
+            literals = args[k:k + m]
+            if not all(isinstance(v, int) for v in literals):
+                return None
+            found = [(j, site) for j, v in enumerate(literals)
+                     if v > 1 and (site := _size_attr(b, node, k + j, v, HEAD_ATTRS)) is not None]
+            if len(found) != 1:
+                return None
+            j, site = found[0]
+            heads = out_shape[k + j]
+            grid = x.atoms.reshape(math.prod(out_shape[k:k + j]), heads, math.prod(out_shape[k + j + 1:k + m]))
+            rep = grid[0, :, 0].copy()
+            b.atoms.union_pairwise(np.tile(rep, grid.shape[0] * grid.shape[2]), grid.transpose(0, 2, 1).reshape(-1))
+            b.attr_site(node, *site, rep)
+            return Chan(k + j, rep)
+    return None
+
+
+def fresh(b, node):
+    """x.new_empty/new_zeros/new_ones/new_full(size): a new tensor that only borrows x's dtype and device (DropPath's
+    random mask in training). It carries no channels; combined with a tensor of full channel width it pins them."""
+    return Opaque(f"{node.name}: a new tensor") if b.shape(node) else None
+
+
+def roll(b, node):
+    """torch.roll(x, shifts, dims): shifting tokens or pixels (Swin's shifted windows) keeps the channels; rolling
+    the channel dim (or every dim, flattened) moves them: unknown."""
+    arg, x = _input(b, node)
+    if not isinstance(x, Chan):
+        return x if not isinstance(x, ParamRef) else b.unknown(node, "roll of a parameter")
+    dims = _arg(node, 2, "dims")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        return b.unknown(node, "roll over every dim, channels included")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims) or x.axis in {d % _ndim(b, arg) for d in dims}:
+        return b.unknown(node, "roll of the channel dim")
+    return x
+
+
+def unbind(b, node):
+    """x.unbind(dim) (q, k, v = qkv.unbind(0)): each slice keeps the labels unless the channel dim is unbound."""
+    arg, x = _input(b, node)
+    metas = node.meta.get("tensor_meta")
+    if metas is None or hasattr(metas, "shape"):
+        return b.unknown(node, "unbind without shape information")
+    if not isinstance(x, Chan):
+        return tuple(x if not isinstance(x, ParamRef) else None for _ in metas) if not isinstance(x, ParamRef) \
+            else b.unknown(node, "unbind of a parameter")
+    dim = _arg(node, 1, "dim", 0) % _ndim(b, arg)
+    if dim == x.axis:
+        return b.unknown(node, "unbind of the channel dim")
+    return tuple(Chan(x.axis - (dim < x.axis), x.atoms) for _ in metas)
+
+
+def attention(b, node):
+    """F.scaled_dot_product_attention(q, k, v): channels on a batch-like dim (the heads) go together in q, k and v
+    and come out on the same dim; channels on the token or feature dims are contracted or mixed: unknown."""
+    values = [b.val(node.args[i]) if i < len(node.args) else b.val(node.kwargs.get(name))
+              for i, name in enumerate(("query", "key", "value"))]
+    if not any(isinstance(v, (Chan, ParamRef)) for v in values):
+        return values[2]
+    if not all(isinstance(v, Chan) for v in values):
+        return b.unknown(node, "attention over tensors of different channel layouts")
+    q, k, v = values
+    ndim = _ndim(b, node.args[0])
+    if ndim is None or not q.axis == k.axis == v.axis < ndim - 2:
+        return b.unknown(node, "attention across the channel dim")
+    b.atoms.union_pairwise(q.atoms, k.atoms)
+    b.atoms.union_pairwise(q.atoms, v.atoms)
+    return Chan(v.axis, v.atoms)
+
+
+def matmul(b, node):
+    """a @ b: channels on a shared batch dim (attention heads: q @ k^T, attn @ v) are coupled and kept; channels
+    on a's rows or b's columns pass to the output's; a contracted channel dim is unknown."""
+    left, right = b.val(node.args[0]), b.val(node.args[1])
+    if not any(isinstance(v, (Chan, ParamRef)) for v in (left, right)):
+        return left if left is not None else right
+    if isinstance(left, ParamRef) or isinstance(right, ParamRef):
+        return b.unknown(node, "matmul with a parameter")
+    nl, nr, nout = _ndim(b, node.args[0]), _ndim(b, node.args[1]), _ndim(b, node)
+    if None in (nl, nr, nout) or min(nl, nr) < 2:
+        return b.unknown(node, "matmul of vectors or without shape information")
+    if isinstance(left, Chan) and isinstance(right, Chan):
+        if left.axis < nl - 2 and left.axis - nl == right.axis - nr:
+            b.atoms.union_pairwise(left.atoms, right.atoms)
+            return Chan(nout + left.axis - nl, left.atoms)
+        return b.unknown(node, "matmul contracting or mixing channel dims")
+    if isinstance(left, Chan) and left.axis < nl - 1:
+        return Chan(nout + left.axis - nl, left.atoms) if left.axis == nl - 2 or nl == nout else \
+            b.unknown(node, "matmul broadcasting a channel dim")
+    if isinstance(right, Chan) and (right.axis == nr - 1 or (right.axis < nr - 2 and nr == nout)):
+        return Chan(nout + right.axis - nr, right.atoms)
+    return b.unknown(node, "matmul contracting the channel dim")
+
+
+def reshape_as(b, node):
+    """x.reshape_as(y) / x.view_as(y) (LeViT's `bn(x.flatten(0, 1)).reshape_as(x)`): as reshape, with the channel
+    width taken from y: coupled with y's channels when y carries them on the same dim, pinned otherwise."""
+    arg, x = _input(b, node)
+    if isinstance(x, ParamRef):
+        return b.unknown(node, f"{_op_name(node)} of a parameter")
+    if not isinstance(x, Chan):
+        return x
+    in_shape, out_shape = b.shape(arg), b.shape(node)
+    if in_shape is None or out_shape is None:
+        return b.unknown(node, f"{_op_name(node)} without shape information")
+    pre, size = math.prod(in_shape[: x.axis]), in_shape[x.axis]
+    for k in range(len(out_shape)):
+        if math.prod(out_shape[:k]) == pre and out_shape[k] == size:
+            other = b.val(node.args[1])
+            if isinstance(other, Chan) and other.axis == k and len(other) == len(x):
+                b.atoms.union_pairwise(other.atoms, x.atoms)
+            elif size > 1:
+                b.atoms.block(x.atoms, f"{node.name}: {_op_name(node)} a tensor of fixed channel width")
+            return Chan(k, x.atoms)
+    return b.unknown(node, f"{_op_name(node)} {list(in_shape)} -> {list(out_shape)} splits or mixes the channel dim")
 
 
 def expand(b, node):
     """x.expand(*sizes): the channel dim keeps its width only when the code writes -1 for it; a literal or computed
     width pins the channels. A size-1 dim expanded to the channel width is not a channel dim of x."""
     arg, x = _input(b, node)
-    if isinstance(x, ParamRef):
-        return b.unknown(node, "expand of a parameter")
+    if isinstance(x, ParamRef):  # `self.cls_token.expand(B, -1, -1)`: a view when every wide dim is written -1
+        out_shape, args = b.shape(node), _shape_args(node)
+        if out_shape is None or args is None or len(out_shape) != len(x.shape) or len(args) != len(out_shape) or \
+                any(n > 1 and not (isinstance(a, int) and a == -1) for n, a in zip(x.shape, args)):
+            return b.unknown(node, "expand of a parameter")
+        return x.view(out_shape, list(range(len(out_shape))))
     if not isinstance(x, Chan):
         return x
     in_shape, out_shape = b.shape(arg), b.shape(node)
@@ -587,7 +874,7 @@ def expand(b, node):
     if out_shape[axis] != len(x):
         return b.unknown(node, "expand of the channel dim")
     fixed = _fixed_size(node, axis, len(out_shape)) if len(x) > 1 else None
-    if fixed:
+    if fixed and not _follows_count(b, node, axis, x.atoms):
         b.atoms.block(x.atoms, f"{node.name}: expand gives the channel dim {fixed}")
     return Chan(axis, x.atoms)
 
@@ -873,6 +1160,8 @@ FUNCTION_RULES: dict = {
     F.softmax: softmax, torch.softmax: softmax, F.log_softmax: softmax,
     F.layer_norm: layer_norm_fn, F.batch_norm: batch_norm_fn, F.instance_norm: batch_norm_fn,
     F.group_norm: group_norm_fn,
+    torch.unbind: unbind, F.scaled_dot_product_attention: attention, torch.roll: roll,
+    torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul,
     builtins.getattr: size, torch._assert: no_tensor,
     **{op: compare for op in (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge)},
 }
@@ -899,6 +1188,10 @@ METHOD_RULES: dict = {
     "mean": reduce, "sum": reduce, "amax": reduce, "amin": reduce,
     "softmax": softmax,
     "size": size, "dim": no_tensor, "numel": no_tensor,
+    "unbind": unbind, "matmul": matmul, "bmm": matmul, "roll": roll,
+    "reshape_as": reshape_as, "view_as": reshape_as,
+    **{m: fresh for m in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")},
+    "bernoulli_": passthrough, "bernoulli": passthrough,
 }
 
 
@@ -937,4 +1230,12 @@ def library_module_rules() -> dict:
     ops = sys.modules.get("torchvision.ops")
     if ops is not None and hasattr(ops, "StochasticDepth"):
         rules[ops.StochasticDepth] = passthrough
+    # timm's weight-standardised convs (NFNet, BiT): a Conv2d whose forward standardises each filter (over its own
+    # inputs) before F.conv2d. As a conv: output filters are independent; removing inputs re-standardises each
+    # filter over the inputs it keeps (weight standardisation makes that inherent), and the per-filter `gain` is
+    # sliced with the outputs (surgery.layers.resize_conv).
+    std = sys.modules.get("timm.layers.std_conv")
+    for name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
+        if std is not None and hasattr(std, name):
+            rules[getattr(std, name)] = conv
     return rules

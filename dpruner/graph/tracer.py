@@ -131,6 +131,9 @@ class Trace:
     root: nn.Module
     training: bool
     opaque: dict = field(default_factory=dict)  # qualified name -> where and why torch.fx could not trace it
+    scope: str = ""  # the traced submodule when the model's own forward is untraceable ('' = the whole model)
+    inputs: tuple = ()  # that submodule's captured input tensors (the graph's placeholders, in order)
+    split: frozenset = frozenset()  # modules fx could not follow whose blocks were traced one by one
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,8 @@ class _ShapeRecorder(fx.Interpreter):
             return None
         if n.op == "call_module":
             keep = isinstance(self.module.get_submodule(n.target),
-                              (*rules.SHAPE_PRESERVING_MODULES, *rules.library_module_rules()))
+                              (*rules.SHAPE_PRESERVING_MODULES,
+                               *(cls for cls, rule in rules.library_module_rules().items() if rule is rules.passthrough)))
         elif n.op == "call_function":
             keep = n.target in rules.SHAPE_PRESERVING_FUNCTIONS and not n.kwargs.get("out")
         elif n.op == "call_method":
@@ -197,27 +201,47 @@ class _Runner(nn.Module):
         self.model = model
         self.graph_ = graph
 
-    def forward(self, x, shortcuts: bool = True):
+    def forward(self, *inputs, shortcuts: bool = True):
         recorder = _ShapeRecorder(self.model, graph=self.graph_)
         recorder.shortcuts = shortcuts
-        return recorder.run(x)
+        return recorder.run(*inputs)
 
 
-def _propagate(model: nn.Module, graph: fx.Graph, x: torch.Tensor, training: bool) -> None:
+def _drop_meta_caches(before: dict) -> None:
+    """Undo what a meta-device pass cached on modules (a forward storing a computed tensor as a plain attribute,
+    as CoaT's does): such attributes get back their old value, or go if they are new."""
+    for module, old in before.items():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.device.type == "meta" and value is not old.get(key):
+                if key in old:
+                    setattr(module, key, old[key])
+                else:
+                    delattr(module, key)
+
+
+def _propagate(model: nn.Module, graph: fx.Graph, x: torch.Tensor, training: bool, inputs: tuple = ()) -> None:
     """Shapes on the meta device when every op supports it (no compute, no copy: the parameters are swapped for
-    meta tensors during the call), else with a real forward pass."""
+    meta tensors during the call), else with a real forward pass. `inputs` replace `x` for a submodule's graph."""
     runner = _Runner(model, graph)
+    args = tuple(inputs) if inputs else (x,)
     state = {f"model.{name}": torch.empty_like(t, device="meta")
              for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+    before = {m: dict(vars(m)) for m in model.modules()}
+    tensors = {m: (dict(m._parameters), dict(m._buffers)) for m in model.modules(remove_duplicate=False)}
     try:
         with torch.no_grad():
-            torch.func.functional_call(runner, state, (x.to("meta"),), strict=False)
+            torch.func.functional_call(runner, state, tuple(a.to("meta") for a in args), strict=False)
         return
     except Exception:  # an op without a meta kernel, or a tensor attribute that is not a registered buffer
         pass
+    finally:
+        _drop_meta_caches(before)
+        for m, (params, buffers) in tensors.items():  # functional_call can leave a tied module's tensors swapped
+            m._parameters.update(params)               # when the call fails (CoaT shares MLPs between blocks)
+            m._buffers.update(buffers)
     try:
         with torch.no_grad():
-            runner(x, shortcuts=False)  # the plain forward pass, nothing skipped
+            runner(*args, shortcuts=False)  # the plain forward pass, nothing skipped
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShapeError(
@@ -243,17 +267,44 @@ def trace_model(model: nn.Module, example: torch.Tensor, *, leaf_modules: Iterab
     traces: list[Trace] = []
     seen: list[list] = []
     opaque: dict[str, str] = {}
+    split: set[str] = set()
     try:
         for training in modes:
             model.train(training)
-            graph = _trace_with_fallback(model, leaf_modules, opaque, training)
-            signature = _signature(graph)
+            x = example if not training or example.shape[0] >= 2 else example.repeat(2, *[1] * (example.dim() - 1))
+            try:
+                graphs = [("", _trace_with_fallback(model, leaf_modules, opaque, training), ())]
+                start = [name for name, m in model.named_modules() if name in opaque and _worth_splitting(m)]
+                for name in start:
+                    opaque[name] = _split_reason(opaque[name])
+            except RootUntraceable as exc:
+                if not _worth_splitting(model):
+                    raise
+                opaque[""] = (f"{type(model).__name__}'s own forward is untraceable"
+                              f"{f' at {exc.where}' if exc.where else ''} ({exc.first}); its blocks are traced one "
+                              "by one and their inputs and outputs keep their channels")
+                graphs, start = [], [""]
+                root_error = exc
+            else:
+                root_error = None
+            if start:  # blocks fx cannot follow: trace what lies inside them, block by block
+                blocks = _trace_blocks(model, x, leaf_modules, opaque, training, start, split)
+                if blocks is None:  # the model does not run in this mode (a detector wants targets in training)
+                    if root_error is not None:
+                        continue
+                    blocks = []
+                graphs += blocks
+            if not graphs:
+                raise root_error
+            signature = [(scope, _signature(graph)) for scope, graph, _ in graphs]
             if signature in seen:
                 continue
             seen.append(signature)
-            x = example if not training or example.shape[0] >= 2 else example.repeat(2, *[1] * (example.dim() - 1))
-            _propagate(model, graph, x, training)
-            traces.append(Trace(graph, model, training, dict(opaque)))
+            for scope, graph, inputs in graphs:
+                _propagate(model, graph, x, training, inputs)
+                traces.append(Trace(graph, model, training, dict(opaque), scope, inputs, frozenset(split)))
+        if not traces:
+            raise UnsupportedError(f"{type(model).__name__} cannot run on the example input in any mode.")
     finally:
         model.train(was_training)
         with torch.no_grad():
@@ -265,10 +316,21 @@ def trace_model(model: nn.Module, example: torch.Tensor, *, leaf_modules: Iterab
 MAX_OPAQUE = 256  # blocks made opaque before giving up (each costs one more trace)
 
 
-def _trace_with_fallback(model: nn.Module, leaf_modules, opaque: dict[str, str], training: bool) -> fx.Graph:
+class RootUntraceable(UnsupportedError):
+    """torch.fx failed in the traced module's own forward (not in a block it calls); `where` is the source line."""
+
+    def __init__(self, message: str, where: str, first: str):
+        super().__init__(message)
+        self.where, self.first = where, first
+
+
+def _trace_with_fallback(model: nn.Module, leaf_modules, opaque: dict[str, str], training: bool,
+                         own: tuple[str, ...] = ("",), name: str | None = None) -> fx.Graph:
     """Trace `model`; when torch.fx fails inside a submodule (data-dependent control flow, say), make that block
-    opaque (a leaf whose channels are left alone), record where fx stopped, and trace again. Only a failure in the
-    root's own forward is final: then nothing can be traced around it."""
+    opaque (a leaf whose channels are left alone), record where fx stopped, and trace again. A failure in the
+    root's own forward (or in a module named in `own`) raises RootUntraceable: then the caller traces the model's
+    blocks one by one (see _trace_submodules)."""
+    name = name or type(model).__name__
     for _ in range(MAX_OPAQUE + 1):
         tracer = PruningTracer(leaf_modules, opaque)
         try:
@@ -278,17 +340,164 @@ def _trace_with_fallback(model: nn.Module, leaf_modules, opaque: dict[str, str],
         except Exception as exc:
             culprit = tracer.failed_in
             where = _user_line(exc)
-            if not culprit or culprit in opaque:
+            if not culprit or culprit in own or culprit in opaque:
                 mode = "train" if training else "eval"
-                raise UnsupportedError(
-                    f"torch.fx cannot trace {type(model).__name__}'s own forward in {mode} mode"
-                    f"{f' at {where}' if where else ''} ({_first_line(exc)}), so no block around it can be "
-                    "traced either; pass --leaf for the blocks that stop it, or prune a traceable submodule."
+                raise RootUntraceable(
+                    f"torch.fx cannot trace {name}'s own forward in {mode} mode"
+                    f"{f' at {where}' if where else ''} ({_first_line(exc)}), and none of its blocks could be "
+                    "traced separately; pass --leaf for the blocks that stop it, or prune a traceable submodule.",
+                    where, _first_line(exc),
                 ) from exc
             block = model.get_submodule(culprit)
             opaque[culprit] = (f"{type(block).__name__} is opaque: torch.fx stopped"
                                f"{f' at {where}' if where else ''} ({_first_line(exc)})")
-    raise UnsupportedError(f"torch.fx cannot trace {type(model).__name__}: more than {MAX_OPAQUE} blocks fail.")
+    raise UnsupportedError(f"torch.fx cannot trace {name}: more than {MAX_OPAQUE} blocks fail.")
+
+
+# ---- models whose own forward torch.fx cannot follow ------------------------------------------------------------
+# A detector's forward (image lists, anchor matching, NMS) or a wrapper that checks the input size in Python stops
+# fx in the root itself, so nothing around it can be traced. Then each largest traceable block is traced on its
+# own, fed with the inputs it received in one real forward pass: the backbone, the FPN, the heads' conv towers.
+# Every block's inputs and outputs keep their channels (they cross code the engine cannot see); what lies inside
+# is pruned with the usual rules. Blocks without parameters are skipped (nothing to prune there).
+
+
+def _capture_inputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, tuple] | None:
+    """The (args, kwargs) of the first call of each named module in one forward pass; None when the model does
+    not run in its current mode (detectors want targets in training)."""
+    found: dict[str, tuple] = {}
+    handles = []
+    for name in names:
+        def hook(module, args, kwargs, name=name):
+            found.setdefault(name, (args, kwargs))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+class _Call(nn.Module):
+    """Calls `m` with the captured arguments, their tensors replaced by this module's positional inputs: the
+    graph of `m` traced through it has one placeholder per tensor, and lists/dicts/*args/**kwargs stay real
+    Python containers during tracing (so `for feature in features:` works)."""
+
+    def __init__(self, m: nn.Module, spec, leaves: list):
+        super().__init__()
+        self.m = m
+        self._spec = spec
+        self._leaves = leaves  # non-tensor leaves are baked in as constants; tensor positions are None
+
+    def call(self, tensors):
+        from torch.utils._pytree import tree_unflatten
+
+        it = iter(tensors)
+        leaves = [next(it) if leaf is None else leaf for leaf in self._leaves]
+        args, kwargs = tree_unflatten(leaves, self._spec)
+        return self.m(*args, **kwargs)
+
+
+def _call_wrapper(module: nn.Module, args: tuple, kwargs: dict) -> tuple[_Call, tuple]:
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+    tensors = tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+    names = [f"input_{i}" for i in range(len(tensors))]
+    namespace: dict = {}
+    exec(f"def forward(self, {', '.join(names)}):\n    return self.call([{', '.join(names)}])\n", namespace)
+    cls = type("_Call", (_Call,), {"forward": namespace["forward"]})
+    return cls(module, spec, [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]), tensors
+
+
+def _rescope(graph: fx.Graph, scope: str) -> None:
+    """Rename the wrapper's 'm' to the block's qualified name in targets and module stacks, so the graph reads
+    like part of the whole model's graph."""
+    def fix(path: str) -> str:
+        return scope if path == "m" else scope + path[1:] if path.startswith("m.") else path
+
+    prefix = scope.replace(".", "_")
+    for node in graph.nodes:
+        if node.name == "m" or node.name.startswith("m_"):
+            node.name = prefix + node.name[1:]  # names appear in the reasons a user reads
+        if node.op in ("call_module", "get_attr"):
+            node.target = fix(node.target)
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: ((fix(v[0]), *v[1:]) if isinstance(v, tuple) else fix(str(v))) for key, v in stack.items()}
+
+
+SPLIT_NOTE = "; its blocks are traced one by one"
+
+
+def _worth_splitting(module: nn.Module) -> bool:
+    """Whether tracing a module's children one by one can prune anything: some child must hold layers of its
+    own (a lone layer traced alone keeps its inputs and outputs, so nothing in it could change)."""
+    return any(any(True for _ in child.children()) for child in module.children())
+
+
+def _split_reason(reason: str) -> str:
+    """An opaque block's reason, reworded once its own blocks are traced one by one."""
+    if reason.endswith(SPLIT_NOTE):
+        return reason
+    return reason.replace(" is opaque: torch.fx stopped", "'s own forward is untraceable", 1) + SPLIT_NOTE
+
+
+def _trace_blocks(model: nn.Module, x: torch.Tensor, leaf_modules, opaque: dict[str, str], training: bool,
+                  start: list[str], split: set[str]) -> list[tuple[str, fx.Graph, tuple]] | None:
+    """Trace the largest traceable blocks inside the modules `start` (whose own forward fx cannot follow; '' is
+    the model): (scope, graph, inputs) for each, breadth first. A block that fails in its own forward is split
+    into its children in turn; blocks made opaque inside a traced block are split too. None when the model does
+    not run in this mode. Every module split this way is added to `split`."""
+    found: list[tuple[str, fx.Graph, tuple]] = []
+    frontier = list(start)
+    split.update(start)
+    while frontier:
+        children = [f"{p}.{c}" if p else c for p in frontier
+                    for c, m in model.get_submodule(p).named_children()
+                    if any(True for _ in m.parameters())]
+        if not children:
+            break
+        calls = _capture_inputs(model, x, children)
+        if calls is None:
+            return None
+        frontier = []
+        for name in children:
+            if name not in calls:
+                continue  # never called in this mode
+            module = model.get_submodule(name)
+            wrapper, tensors = _call_wrapper(module, *calls[name])
+            local = {"m" + k[len(name):]: v for k, v in opaque.items() if k.startswith(name + ".")}
+            try:
+                graph = _trace_with_fallback(wrapper, leaf_modules, local, training, own=("", "m"),
+                                             name=f"{type(module).__name__} ({name})")
+            except RootUntraceable as exc:
+                where = f" at {exc.where}" if exc.where else ""
+                if _worth_splitting(module):
+                    frontier.append(name)
+                    split.add(name)
+                    opaque[name] = (f"{type(module).__name__}'s own forward is untraceable{where} ({exc.first}); "
+                                    "its blocks are traced one by one")
+                else:
+                    opaque[name] = f"{type(module).__name__} is opaque: torch.fx stopped{where} ({exc.first})"
+                continue
+            except Exception:  # fx's own limits (e.g. an argument pytree cannot flatten): leave the block whole
+                continue
+            for k, v in local.items():
+                full = name + k[1:]
+                opaque[full] = v
+                if full not in split and _worth_splitting(model.get_submodule(full)):
+                    frontier.append(full)  # opaque inside this block: its own blocks may still trace
+                    split.add(full)
+                    opaque[full] = _split_reason(v)
+            _rescope(graph, name)
+            found.append((name, graph, tensors))
+    return found
 
 
 def _first_line(exc: BaseException) -> str:
@@ -302,12 +511,14 @@ def _user_line(exc: BaseException) -> str:
     import linecache
     import os
 
-    torch_dir = os.path.dirname(torch.__file__)
+    import dpruner
+
+    skip = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(dpruner.__file__) + os.sep)
     found = ""
     tb = exc.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
-        if not code.co_filename.startswith(torch_dir) and "dpruner" not in code.co_filename.split(os.sep)[-2:-1]:
+        if not code.co_filename.startswith(skip) and not code.co_filename.startswith("<"):
             source = linecache.getline(code.co_filename, tb.tb_lineno).strip()
             found = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}" + (f" `{source[:80]}`" if source else "")
         tb = tb.tb_next

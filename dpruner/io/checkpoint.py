@@ -32,7 +32,7 @@ from dpruner.io.pickle_scan import PickleScan, first_disallowed, scan_file
 from dpruner.usercode import describe
 
 SUPPORTED = "a state_dict (with --arch), a dpruner checkpoint, or a pickled nn.Module (with --trust-checkpoint)"
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema")
 # Prefixes that wrappers add to every key: DataParallel/DistributedDataParallel, and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 MAX_LISTED = 3  # how many offending keys an error message names
@@ -70,14 +70,15 @@ def load_checkpoint(
     if isinstance(obj, torch.nn.Module):
         if arch is not None:
             raise InputError(f"'{path}' holds a whole model, so --arch is not needed; drop it.")
-        return LoadedModel(model=obj.eval(), source_format="pickled-module")
+        return LoadedModel(model=_float(obj).eval(), source_format="pickled-module")
     if is_dpruner_checkpoint(obj):
         return load_dpruner_checkpoint(
             obj, path, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, limits=limits
         )
     found = find_state_dict(obj, path)
     if isinstance(found, torch.nn.Module):  # e.g. {"model": <nn.Module>, "epoch": 3}, readable only when trusted
-        return LoadedModel(model=found.eval(), source_format="pickled-module")
+        meta = {"dtype": str(next(found.parameters(), torch.empty(0)).dtype).removeprefix("torch.")}
+        return LoadedModel(model=_float(found).eval(), source_format="pickled-module", container=obj, meta=meta)
     if arch is None:
         raise ArchError(
             f"'{path}' holds only weights (a state_dict); say which architecture they belong to with --arch, "
@@ -86,6 +87,16 @@ def load_checkpoint(
     model = build_model(arch, num_classes=num_classes)
     fit_state_dict(model, found, path=path, arch=arch, num_classes=num_classes)
     return LoadedModel(model=model.eval(), source_format="state_dict", arch=arch, num_classes=num_classes)
+
+
+def _float(model):
+    """A half-precision pickled model (Ultralytics stores its weights in float16) in float32: pruning, counting
+    and checking run on the CPU, where float16 convolutions are slow or missing."""
+    import torch
+
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        model.float()
+    return model
 
 
 def sniff(path: str) -> str:

@@ -35,6 +35,7 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None = None
     plan: list = field(default_factory=list)  # pruning plans replayed on the architecture, in order
     meta: dict = field(default_factory=dict)
+    container: Any = None  # for a trusted pickle: the object the model came in (a dict such as Ultralytics')
 
 
 def is_dpruner_checkpoint(obj: Any) -> bool:
@@ -63,6 +64,37 @@ def make_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
+
+
+def save_pruned(path, model, loaded: "LoadedModel", *, inputs=(), input_shape=None, plan: list, meta: dict,
+                dtype=None) -> Path:
+    """Write a pruned model: dpruner's checkpoint when the architecture is known, else (a trusted pickle of a
+    whole model) the same kind of pickle it came in, so the program that wrote it loads it back. In a dict
+    (Ultralytics' {'model'|'ema': DetectionModel, 'optimizer': ..., ...}) every model of the same class is
+    replaced by the pruned one, optimizer state (now of the wrong shapes) is dropped, and a 'dpruner' entry records
+    the plans and input shape."""
+    import copy
+
+    if loaded.arch is not None:
+        return save_checkpoint(path, model, inputs=inputs, arch=loaded.arch, num_classes=loaded.num_classes,
+                               input_shape=input_shape, plan=plan, meta=meta)
+    from dpruner.io.atomic import atomic_torch_save
+
+    saved = copy.deepcopy(model)
+    if dtype is not None:
+        saved = saved.to(dtype)  # the precision the model came in (Ultralytics stores half)
+    obj: Any = saved
+    if isinstance(loaded.container, Mapping):
+        obj = {}
+        for key, value in loaded.container.items():
+            if isinstance(value, type(model)) or value is loaded.model:
+                obj[key] = saved
+            elif key == "optimizer":
+                obj[key] = None
+            else:
+                obj[key] = value
+        obj["dpruner"] = {"plan": plan, "input_shape": list(input_shape) if input_shape else None, "meta": meta}
+    return atomic_torch_save(obj, path, inputs=inputs)
 
 
 def save_checkpoint(path, model, *, inputs=(), **kwargs) -> Path:

@@ -17,7 +17,7 @@ from dpruner.graph.build import DependencyGraph, build_graph
 from dpruner.graph.groups import ChannelIndex, channel_groups
 from dpruner.methods.cost import build_cost_model
 from dpruner.methods.oneshot import Allocation, normalized, search, select
-from dpruner.graph.check import check_pruned, output_signature
+from dpruner.graph.check import check_pruned, expected_outputs
 from dpruner.metrics.macs import count_macs, count_params, count_sizes, run_forward
 from dpruner.surgery.plan import apply_plan, make_plan
 from dpruner.surgery.views import group_tensors
@@ -44,7 +44,7 @@ class PruneResult:
     groups: list[dict] = field(default_factory=list)
     unprunable: list[dict] = field(default_factory=list)
     prunable_macs_share: float | None = None  # share of the original MACs in layers a prunable group touches
-    opaque: list[dict] = field(default_factory=list)  # blocks torch.fx could not trace, left whole: where and why
+    opaque: list[dict] = field(default_factory=list)  # modules torch.fx could not follow (see opaque_summary)
 
     def to_json(self) -> dict:
         return {
@@ -59,7 +59,21 @@ def prunable_macs_share(index: ChannelIndex, macs_by_module: dict[str, int], tot
     """Share of the MACs spent in layers whose channels a prunable group can change: what pruning can reach at all
     (e.g. a detector whose head is kept shows the backbone's and neck's share)."""
     touched = {name for g in index.groups if g.prunable for name in g.layers}
-    return sum(macs_by_module.get(name, 0) for name in touched) / max(total, 1)
+    return sum(own_macs(macs_by_module, name) for name in touched) / max(total, 1)
+
+
+def own_macs(macs_by_module: dict[str, int], name: str) -> int:
+    """MACs of a module less those of its children (a module touched only through its own parameter, such as
+    the root holding ViT's position embedding, must not count the layers below it)."""
+    prefix = f"{name}." if name else ""
+    children = [k for k in macs_by_module if k and k != name and k.startswith(prefix) and "." not in k[len(prefix):]]
+    return macs_by_module.get(name, 0) - sum(macs_by_module[k] for k in children)
+
+
+def opaque_summary(graph: DependencyGraph) -> list[dict]:
+    """The modules torch.fx could not follow: where and why, and whether they were kept whole (`whole`) or their
+    own blocks were traced one by one (then only their inputs and outputs keep their channels). '' is the model."""
+    return [{"module": name, "reason": why, "whole": name not in graph.split} for name, why in graph.opaque.items()]
 
 
 def analyze_groups(model: nn.Module, example: torch.Tensor, *, exclude: Iterable[str] = (),
@@ -127,8 +141,9 @@ def prune(
     try:
         base_macs = count_macs(model, example_input)
         before = {"params": count_params(model), "macs": base_macs.total}
-        expected = output_signature(run_forward(model, example_input))
+        run_forward(model, example_input)  # a model that cannot run on the input is the user's ShapeError
         graph, index = analyze_groups(model, example_input, exclude=exclude, leaf_modules=leaf_modules)
+        expected = expected_outputs(model, example_input, graph.scopes)
         if not any(g.prunable for g in index.groups):
             raise nothing_prunable(index)
         scores = score_groups(model, graph, index, method, seed)
@@ -166,7 +181,7 @@ def prune(
         unprunable=[{"layers": g.layers, "channels": len(g), "reasons": g.reasons[:5]}
                     for g in index.groups if not g.prunable and g.has_producer],
         prunable_macs_share=prunable_macs_share(index, base_macs.by_module, base_macs.total),
-        opaque=[{"module": name, "reason": why} for name, why in graph.opaque.items()],
+        opaque=opaque_summary(graph),
     )
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from dpruner.errors import DprunerError, InputError
-from dpruner.graph.check import check_pruned, output_signature
+from dpruner.graph.check import check_pruned, expected_outputs
 from dpruner.methods.api import analyze_groups, nothing_prunable, score_groups
 from dpruner.methods.cost import build_cost_model
 from dpruner.methods.oneshot import Allocation, normalized, search, select
@@ -174,7 +174,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     for p in teacher.parameters() if teacher is not None else ():
         p.requires_grad_(False)
     base = count_sizes(original, example)
-    expected = output_signature(run_forward(original, example))
+    run_forward(original, example)
+    expected = None  # the original's outputs (and its traced blocks'), taken once the first graph names the blocks
     base_acc = measure(original.to(device))
     original.cpu()
     floor = base_acc - config.tolerance
@@ -286,6 +287,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         current.cpu().eval()
         plan = make_plan(graph, index, index.roots[removed])
         apply_plan(current, plan)
+        if expected is None:
+            expected = expected_outputs(original, example, graph.scopes)
         check_pruned(current, example, expected, leaf_modules=leaf_modules)
         sizes = count_sizes(current, example)
         acc = measure(current.to(device))

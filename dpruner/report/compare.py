@@ -56,15 +56,38 @@ def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, source: str
             onnx_path = Path(tmp) / "model.onnx"
             export_onnx(model, (1, *input_shape[1:]), onnx_path, **(export or {}))
         facts.onnx_bytes = Path(onnx_path).stat().st_size
+        files = {b: _onnx_for_batch(model, onnx_path, input_shape, b, Path(tmp), export) for b in batches}
         if latency:
             facts.latency["torch"] = {b: torch_latency(model, input_shape, b, threads) for b in batches}
-            facts.latency["onnxruntime"] = {b: ort_latency(onnx_path, input_shape, b, threads) for b in batches}
+            facts.latency["onnxruntime"] = {b: ort_latency(files[b], input_shape, b, threads) for b in batches}
         if memory:
             from dpruner.report.memory import forward_peak_bytes
 
-            facts.memory = {rt: {b: forward_peak_bytes(rt, model, onnx_path, input_shape, b, threads) for b in batches}
+            facts.memory = {rt: {b: forward_peak_bytes(rt, model, files[b], input_shape, b, threads) for b in batches}
                             for rt in RUNTIMES}
     return facts
+
+
+def _onnx_for_batch(model: nn.Module, onnx_path: Path, input_shape: tuple[int, ...], batch: int, tmp: Path,
+                    export: dict | None) -> Path:
+    """`onnx_path`, or a static-batch twin when that file cannot run at `batch` in ONNX Runtime (its batch is
+    static, or the model's forward loops over the images, so the traced graph fixes the batch)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from dpruner.export.onnx import export_onnx
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure is expected here and handled: keep ONNX Runtime quiet
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    try:
+        session.run(None, {session.get_inputs()[0].name:
+                           np.zeros((batch, *input_shape[1:]), dtype=np.float32)})
+        return Path(onnx_path)
+    except Exception:  # noqa: BLE001 - ONNX Runtime's errors have no common public base class
+        twin = tmp / f"batch{batch}.onnx"
+        export_onnx(model, (batch, *input_shape[1:]), twin, **{**(export or {}), "dynamic_batch": False})
+        return twin
 
 
 def _ratio(a, b) -> float | None:

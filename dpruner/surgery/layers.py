@@ -55,6 +55,9 @@ def resize_conv(m: nn.Module, keep: dict) -> None:
         m.groups = new_groups
     if keep_out is not None and m.bias is not None:
         _select(m, "bias", 0, keep_out)
+    gain = getattr(m, "gain", None)  # timm's ScaledStdConv2d: one gain per output filter, shape (out, 1, 1, 1)
+    if keep_out is not None and isinstance(gain, torch.Tensor) and gain.dim() and gain.shape[0] == m.out_channels:
+        _select(m, "gain", 0, keep_out)
     m.in_channels, m.out_channels = new_in, new_out
 
 

@@ -7,7 +7,11 @@ so a checkpoint can store it and dpruner can replay it on a freshly built model 
     {"version": 1,
      "modules": {"layer1.0.conv1": {"out": [0, 2, ...], "in": [...]}, "layer1.0.bn1": {"norm": [...]}},
      "params": {"encoder.pos_embedding": {"dim": 2, "keep": [...]}},
-     "pads": [{"owner": "layer2.0.shortcut", "order": 0, "pair": 2, "before": 6, "after": 5}]}
+     "pads": [{"owner": "layer2.0.shortcut", "order": 0, "pair": 2, "before": 6, "after": 5}],
+     "attrs": [{"owner": "blocks.0.attn", "attr": "num_heads", "old": 3, "new": 2}]}
+
+"attrs" (sizes the forward code reads from module attributes, see graph.build.AttrSite) may be absent: plans
+written before it existed have none.
 """
 
 from __future__ import annotations
@@ -56,8 +60,17 @@ def make_plan(graph: DependencyGraph, index: ChannelIndex, removed_roots) -> dic
                          for zeros in (site.before, site.after))
         if before != len(site.before) or after != len(site.after):
             pads.append({"owner": site.owner, "order": site.order, "pair": site.pair, "before": before, "after": after})
-    return {"version": PLAN_VERSION, "modules": dict(sorted(modules.items())), "params": dict(sorted(params.items())),
+    attrs = []
+    for site in graph.attrs.values():
+        kept = int((~removed[np.searchsorted(index.roots, graph.atoms.roots(site.atoms))]).sum())
+        if kept != len(site.atoms):
+            entry = {"owner": site.owner, "attr": site.attr, "old": len(site.atoms), "new": kept}
+            attrs.append(entry if site.index is None else {**entry, "index": site.index})
+    plan = {"version": PLAN_VERSION, "modules": dict(sorted(modules.items())), "params": dict(sorted(params.items())),
             "pads": sorted(pads, key=lambda p: (p["owner"], p["order"]))}
+    if attrs:
+        plan["attrs"] = sorted(attrs, key=lambda a: (a["owner"], a["attr"], a.get("index", -1)))
+    return plan
 
 
 def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
@@ -80,6 +93,14 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
         by_owner.setdefault(site["owner"], []).append(site)
     for owner, sites in by_owner.items():
         _rewrite_pads(model, owner, sites)
+    for site in plan.get("attrs", []):
+        holder = model.get_submodule(site["owner"])
+        if site.get("index") is None:
+            setattr(holder, site["attr"], int(site["new"]))
+        else:  # an entry of a list/tuple of sizes (split sizes): a new sequence of the same type
+            current = getattr(holder, site["attr"])
+            setattr(holder, site["attr"], type(current)(int(site["new"]) if i == site["index"] else v
+                                                         for i, v in enumerate(current)))
     return model
 
 
@@ -122,6 +143,26 @@ def validate_plan(plan, model: nn.Module) -> None:
         if not isinstance(spec, Mapping) or not _is_int(spec.get("dim")) or not -tensor.dim() <= spec["dim"] < tensor.dim():
             raise PlanError(f"{where} needs a 'dim' within the parameter's {tensor.dim()} dims and a 'keep' list")
         _check_indices(spec.get("keep"), tensor.shape[spec["dim"]], f"{where}['keep']")
+    attrs = plan.get("attrs", [])
+    if not isinstance(attrs, list):
+        raise PlanError(f"'attrs' is a {type(attrs).__name__}, not a list")
+    for i, site in enumerate(attrs):
+        where = f"attrs[{i}]"
+        if not isinstance(site, Mapping):
+            raise PlanError(f"{where} is a {type(site).__name__}, not a dict")
+        owner, attr = site.get("owner"), site.get("attr")
+        holder = named.get(owner) if isinstance(owner, str) else None
+        if holder is None or not isinstance(attr, str) or attr.startswith("_") or attr not in vars(holder):
+            raise PlanError(f"{where} names a module attribute the model does not have")
+        current, old, new, entry = vars(holder)[attr], site.get("old"), site.get("new"), site.get("index")
+        if entry is not None:
+            if not isinstance(current, (list, tuple)) or not _is_int(entry) or not 0 <= entry < len(current):
+                raise PlanError(f"{where}['index'] is not an entry of {owner}.{attr}")
+            current = current[entry]
+        if type(current) is not int or not _is_int(old) or current != old:
+            raise PlanError(f"{where}: {owner}.{attr} is {_clip(repr(current))}, not the plan's {_clip(repr(old))}")
+        if not _is_int(new) or not 1 <= new <= old:
+            raise PlanError(f"{where}['new'] must be an integer from 1 to {old}, not {_clip(repr(new))}")
     for i, site in enumerate(pads):
         where = f"pads[{i}]"
         if not isinstance(site, Mapping):

@@ -731,6 +731,8 @@ class WobblyRoot(nn.Module):
 
 
 def test_an_untraceable_root_forward_is_one_sentence_naming_the_line():
+    """WobblyRoot holds one lone layer: tracing it alone could prune nothing, so there is no block-by-block
+    fallback (see tests/graph/test_blockwise.py for models where there is)."""
     from dpruner.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match=r"WobblyRoot's own forward in eval mode at test_coverage_rules.py:\d+ `if x.mean\(\) > 0:`"):

@@ -168,19 +168,25 @@ def test_unknown_function_makes_its_inputs_unprunable():
     assert not g.prunable and any("cumsum" in r and r.startswith("cumsum") for r in g.reasons)
 
 
-def test_reading_the_channel_count_pins_the_channels():
+def test_a_channel_count_sizing_a_view_of_as_many_channels_follows_them_and_other_uses_pin():
     class Reads(nn.Module):
-        def __init__(self):
+        def __init__(self, use: str):
             super().__init__()
+            self.use = use
             self.a = nn.Conv2d(3, 4, 1)
             self.b = nn.Linear(4, 2)
 
         def forward(self, x):
             y = self.a(x)
             n, c, h, w = y.shape
-            return self.b(y.mean((2, 3)).view(n, c))
+            if self.use == "view":
+                return self.b(y.mean((2, 3)).view(n, c))  # c sizes the view of c channels: follows a pruned width
+            return self.b(y.mean((2, 3)) * c)  # c as a number: the width is baked into the output
 
-    _, index = groups_of(Reads())
+    _, index = groups_of(Reads("view"))
+    (g,) = group_with(index, "a")
+    assert g.prunable
+    _, index = groups_of(Reads("scale"))
     (g,) = group_with(index, "a")
     assert not g.prunable and any("channel count" in r for r in g.reasons)
 
