@@ -414,7 +414,8 @@ def child_dp(state, model, example, expected, variable_dim0, counter) -> None:
             exported = export_model(model, shape, Path(tmp) / "model.onnx")
         verification = exported.verification
         state.update(onnx="passed" if verification.passed else "failed",
-                     onnx_reason="" if verification.passed else f"verification: {verification.failure()}"[:200])
+                     onnx_reason="" if verification.passed else f"verification: {verification.failure()}"[:200],
+                     onnx_static_batch=not exported.info.dynamic_batch, onnx_row_sets=bool(verification.partial))
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -717,8 +718,11 @@ def report(models: list[str]) -> None:
         "Columns: *dp prunable* = MACs of the layers in dpruner's prunable channel groups / total "
         "(`dpruner.methods.api.analyze_groups`); *changed* = MACs (of the original) in layers whose weights the "
         "tool resized; *ONNX* = `dpruner.export.api.export_model` of dpruner's result (opset 17, verified in "
-        "ONNX Runtime); times are wall seconds of the whole isolated process (build, counting, pruning, checks, "
-        "and for dpruner the ONNX export; for Torch-Pruning the whole ratio search).",
+        "ONNX Runtime; \"static batch\": the model's forward loops over the images, so the file has a fixed batch; "
+        "\"row sets\": a detector's boxes, scores and labels compared as sets of rows, at least 95% matching; with "
+        "random weights SSDlite's scores are all tied, so its rows cannot match); times are wall seconds of the "
+        "whole isolated process (build, counting, pruning, checks, and for dpruner the ONNX export; for "
+        "Torch-Pruning the whole ratio search).",
         "",
     ]
     both = only_dp = only_tp = neither = 0
@@ -752,6 +756,9 @@ def report(models: list[str]) -> None:
         onnx = "-"
         if dp and dp.get("onnx"):
             onnx = dp["onnx"] if dp["onnx"] == "passed" else f"failed: {md(dp.get('onnx_reason', ''))}"
+            notes = [n for n, on in (("static batch", dp.get("onnx_static_batch")),
+                                     ("boxes compared as row sets", dp.get("onnx_row_sets"))) if on]
+            onnx += f" ({', '.join(notes)})" if notes else ""
         inp = (dp or tp or {}).get("input", "")
         lines.append(
             f"| {m} | {inp} | {cell_result(dp)} | {ratio_cell(dp)} | {pct((dp or {}).get('prunable_share'))} | "

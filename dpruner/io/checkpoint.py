@@ -78,7 +78,12 @@ def load_checkpoint(
     found = find_state_dict(obj, path)
     if isinstance(found, torch.nn.Module):  # e.g. {"model": <nn.Module>, "epoch": 3}, readable only when trusted
         meta = {"dtype": str(next(found.parameters(), torch.empty(0)).dtype).removeprefix("torch.")}
-        return LoadedModel(model=_float(found).eval(), source_format="pickled-module", container=obj, meta=meta)
+        ours = obj.get("dpruner") if isinstance(obj, Mapping) else None  # what a pruned pickle recorded (save_pruned)
+        shape = ours.get("input_shape") if isinstance(ours, Mapping) else None
+        shape = tuple(shape) if isinstance(shape, (list, tuple)) and all(type(d) is int and d > 0 for d in shape) \
+            else None
+        return LoadedModel(model=_float(found).eval(), source_format="pickled-module", container=obj, meta=meta,
+                           input_shape=shape)
     if arch is None:
         raise ArchError(
             f"'{path}' holds only weights (a state_dict); say which architecture they belong to with --arch, "

@@ -5,7 +5,7 @@ loads the pruned model with its own loader."""
 from __future__ import annotations
 
 import copy
-import os
+import json
 
 import pytest
 import torch
@@ -39,8 +39,9 @@ def test_a_trusted_training_pickle_is_pruned_in_its_own_container(tmp_path):
     assert saved["dpruner"]["input_shape"] == [1, 3, 64, 64] and saved["dpruner"]["plan"]
     with torch.no_grad():
         assert saved["model"](torch.randn(2, 3, 64, 64)).shape == (2, 4)
-    again = invoke("analyze", out, "--trust-checkpoint", "--input-shape", "3,64,64", "--json")
+    again = invoke("analyze", out, "--trust-checkpoint", "--json")  # the input shape is read back from 'dpruner'
     assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["model"]["input_shape"] == [1, 3, 64, 64]
     untrusted = invoke("prune", out, "--input-shape", "3,64,64", "--ratio", "2x", "-o", tmp_path / "x.pt")
     assert untrusted.code == 2 and "--trust-checkpoint" in untrusted.one_error_line()
 

@@ -199,3 +199,56 @@ def test_timm_transformers_prune_heads_width_and_mlp(name):
     assert min(kept.values()) > 0.3  # balanced: no group cut to a sliver (the MLP alone used to go to 23%)
     with torch.no_grad():
         assert model(x).shape == (1, 10)
+
+
+class MixedConv(nn.Module):
+    """timm's MixedConv2d: the input is split by sizes the module holds, each piece gets its own kernel size."""
+
+    def __init__(self, channels: int = 12):
+        super().__init__()
+        self.splits = [8, 4]
+        self.convs = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(4, 4, 5, padding=2, groups=4)])
+
+    def forward(self, x):
+        pieces = torch.split(x, self.splits, 1)
+        return torch.cat([conv(p) for conv, p in zip(self.convs, pieces)], 1)
+
+
+class MixNetBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 12, 1)
+        self.bn = nn.BatchNorm2d(12)
+        self.mixed = MixedConv()
+        self.out = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.mixed(F.relu(self.bn(self.pw(x)))))).mean((2, 3))
+
+
+def test_split_sizes_held_by_the_module_are_rewritten_and_pruning_is_exact():
+    from tests.graph.test_exactness import check_exact
+
+    graph = build_graph(MixNetBlock().eval(), torch.randn(1, 3, 8, 8))
+    assert {(k[0], k[1], k[2]) for k in graph.attrs} == {("mixed", "splits", 0), ("mixed", "splits", 1)}
+    check_exact(MixNetBlock(), torch.randn(2, 3, 8, 8), sparsity=0.5)
+    model = MixNetBlock().eval()
+    result = dpruner.prune(model, torch.randn(1, 3, 8, 8), sparsity=0.5)
+    kept = [conv.out_channels for conv in model.mixed.convs]
+    assert model.mixed.splits == kept and isinstance(model.mixed.splits, list) and kept[0] < 8 and kept[1] < 4
+    assert [a["index"] for a in result.plan["attrs"]] == [0, 1]
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 6)
+
+
+class LiteralSplit(MixedConv):
+    def forward(self, x):
+        pieces = torch.split(x, [8, 4], 1)  # the same sizes, written in the code: they cannot follow
+        return torch.cat([conv(p) for conv, p in zip(self.convs, pieces)], 1)
+
+
+def test_literal_split_sizes_still_pin_the_input():
+    model = MixNetBlock().eval()
+    model.mixed = LiteralSplit()
+    index = channel_groups(build_graph(model, torch.randn(1, 3, 8, 8)))
+    group = next(g for g in index.groups if ("pw", "out", None) in g.slots)
+    assert not group.prunable and any("torch.split with fixed sizes [8, 4]" in r for r in group.reasons)
