@@ -15,7 +15,7 @@ Per (model, tool) it records: result (ok / failed: reason / timeout / memory / n
 measured by ONE counter for both tools (dpruner.count_macs, i.e. fvcore, on the same example input; where fvcore
 cannot count a model, a forward-hook counter of conv/linear MACs is used for both tools and marked), the share of
 MACs in layers the tool changed, dpruner's prunable share (MACs of layers in prunable channel groups / total, from
-dpruner.methods.api.analyze_groups), a forward + output-structure check (same dict keys, sequence lengths and tensor
+dpruner.graph.summary.analyze_groups), a forward + output-structure check (same dict keys, sequence lengths and tensor
 shapes as the original on the example input; for torchvision detection the number of detections depends on the
 weights, so the first dimension of those tensors is not compared), ONNX export + verification of dpruner's result
 (dpruner.export.api.export_model) and the wall time.
@@ -357,7 +357,7 @@ def child_dp(state, model, example, expected, variable_dim0, counter) -> None:
 
     import dpruner
     from dpruner.errors import DprunerError, EngineError
-    from dpruner.methods.api import analyze_groups
+    from dpruner.graph.summary import analyze_groups
 
     if isinstance(example, tuple):
         state.update(stage="done", result="n/a", reason="not applicable: two inputs (dpruner.prune takes one "
@@ -716,7 +716,7 @@ def report(models: list[str]) -> None:
         "the weights, so dim 0 of those tensors is not compared) and reached at least 1.5x MACs.",
         "",
         "Columns: *dp prunable* = MACs of the layers in dpruner's prunable channel groups / total "
-        "(`dpruner.methods.api.analyze_groups`); *changed* = MACs (of the original) in layers whose weights the "
+        "(`dpruner.graph.summary.analyze_groups`); *changed* = MACs (of the original) in layers whose weights the "
         "tool resized; *ONNX* = `dpruner.export.api.export_model` of dpruner's result (opset 17, verified in "
         "ONNX Runtime; \"static batch\": the model's forward loops over the images, so the file has a fixed batch; "
         "\"row sets\": a detector's boxes, scores and labels compared as sets of rows, at least 95% matching; with "

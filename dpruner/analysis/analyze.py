@@ -186,7 +186,7 @@ def coupling(model: nn.Module, input_shape, macs=None) -> tuple[list[dict], str 
     that cannot be pruned, the node and reason; the modules torch.fx could not follow; the share of the MACs
     (`macs`: a MacCount) that prunable groups reach. A graph that cannot be built is reported, not raised."""
     from dpruner.errors import DprunerError
-    from dpruner.methods.api import analyze_groups, opaque_summary, prunable_macs_share
+    from dpruner.graph.summary import analyze_groups, opaque_summary, prunable_macs_share
 
     try:
         graph, index = analyze_groups(model, torch.randn(*input_shape))

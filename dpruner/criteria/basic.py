@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from dpruner.errors import InputError
-from dpruner.surgery.views import GroupTensors
+from dpruner.criteria.views import GroupTensors
 
 Criterion = Callable[[GroupTensors], torch.Tensor]
 

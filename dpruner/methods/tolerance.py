@@ -41,12 +41,13 @@ from torch import nn
 
 from dpruner.errors import DprunerError, InputError
 from dpruner.graph.check import check_pruned, expected_outputs
-from dpruner.methods.api import analyze_groups, nothing_prunable, score_groups
+from dpruner.graph.summary import analyze_groups, nothing_prunable
+from dpruner.methods.api import score_groups
 from dpruner.methods.cost import build_cost_model
 from dpruner.methods.oneshot import Allocation, normalized, search, select
 from dpruner.metrics.macs import count_macs, count_sizes, run_forward
 from dpruner.surgery.plan import apply_plan, make_plan
-from dpruner.surgery.views import channel_parameters
+from dpruner.criteria.views import channel_parameters
 from dpruner.train.api import check_fields
 from dpruner.train.config import TrainConfig
 from dpruner.train.distributed import DistContext

@@ -1,5 +1,8 @@
 """The fine-tuning loop: SGD (Nesterov), cosine schedule with linear warm-up, label smoothing, optional knowledge
-distillation from a teacher and an optional extra penalty (the tolerance controller's sparsity term)."""
+distillation from a teacher, and callbacks through which a pruning method joins the training without copying the
+loop: extra loss terms (the tolerance controller's sparsity penalty, a gate's sparsity term), parameter groups of
+its own (a scorer network's learning rate), and work before/after each optimizer step (sampling masks, restoring
+masked weights that momentum or weight decay moved)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,36 @@ class FitResult:
     def to_json(self) -> dict:
         return {"epochs": self.epochs, "steps": self.steps, "train_loss": self.train_loss,
                 "train_accuracy": self.train_accuracy, "seconds": self.seconds}
+
+
+class Callback:
+    """Hooks into `fit`; every method is optional (the defaults do nothing). `step` counts optimizer steps of this
+    `fit` call, from its start (or resume) point."""
+
+    def param_groups(self, model: nn.Module, groups: list[dict]) -> list[dict]:
+        """The optimizer's parameter groups (fit's default: decay on weights, none on biases and norms); return
+        them changed, or extended with parameters that live outside the model (a scorer network)."""
+        return groups
+
+    def before_step(self, model: nn.Module, step: int) -> None:
+        """Before the forward pass of a step (e.g. sample this step's masks)."""
+
+    def loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        """An extra term added to the step's loss (None: nothing)."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """After optimizer.step() (e.g. put masked weights back to zero: momentum and weight decay moved them)."""
+
+
+class Penalty(Callback):
+    """A loss term `fn(model)` (the tolerance controller's L1 push on the channels about to go)."""
+
+    def __init__(self, fn: Callable[[nn.Module], torch.Tensor]):
+        self.fn = fn
+
+    def loss(self, model: nn.Module, step: int) -> torch.Tensor:
+        return self.fn(model)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -62,7 +95,7 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
         ctx: DistContext = DistContext(), teacher: nn.Module | None = None,
         penalty: Callable[[nn.Module], torch.Tensor] | None = None, start: dict | None = None,
         on_epoch_end: Callable[[dict], None] | None = None, description: str = "fine-tune",
-        position: int = 0) -> FitResult:
+        position: int = 0, callbacks: Sequence[Callback] = ()) -> FitResult:
     """Train `model` in place for config.epochs (fractional allowed) on data.train.
 
     `start` is a state from on_epoch_end (resume: optimizer, schedule position, RNG). on_epoch_end receives
@@ -70,7 +103,9 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
     With torchrun the model is wrapped in DistributedDataParallel for this call only, so a pruned (reshaped) model
     can be wrapped again by the next call. `position` is how many training batches earlier calls consumed: the
     data stream continues from there (epoch order and offset), so a series of short fine-tunes sees all the data.
+    `callbacks` (see Callback) run in order; `penalty` is shorthand for a Penalty callback run first.
     """
+    callbacks = [*([Penalty(penalty)] if penalty is not None else []), *callbacks]
     device = torch.device(device)
     steps_per_epoch = len(data.train)
     if steps_per_epoch == 0:
@@ -86,7 +121,10 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
         model.to(memory_format=torch.channels_last)
     if teacher is not None:
         teacher.to(device).eval()
-    optimizer = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
+    groups = param_groups(model, config.weight_decay)
+    for callback in callbacks:
+        groups = callback.param_groups(model, groups)
+    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov and config.momentum > 0)
     warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, max(warmup, 0)))
@@ -113,6 +151,8 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                for callback in callbacks:
+                    callback.before_step(model, step)
                 with autocast:
                     logits = net(x)
                     if int(y.max()) >= logits.shape[-1]:
@@ -126,8 +166,10 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
                             target = teacher(x)
                         loss = ((1 - config.distill_alpha) * loss
                                 + config.distill_alpha * distillation_loss(logits, target, config.distill_temperature))
-                if penalty is not None:
-                    loss = loss + penalty(model)
+                for callback in callbacks:
+                    term = callback.loss(model, step)
+                    if term is not None:
+                        loss = loss + term
                 bad = not bool(torch.isfinite(loss))
                 if ctx.enabled:  # all ranks must stop together, or the others wait forever in the next all-reduce
                     bad = sum_across([float(bad)], ctx, device)[0] > 0
@@ -138,6 +180,8 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                for callback in callbacks:
+                    callback.after_step(model, step)
                 schedule.step()
                 step += 1
                 loss_sum += float(loss.detach()) * len(y)

@@ -9,8 +9,8 @@ import torchvision
 from dpruner.criteria import basic
 from dpruner.errors import InputError
 from dpruner.graph.groups import Group
-from dpruner.methods.api import analyze_groups
-from dpruner.surgery.views import GroupTensors, group_tensors
+from dpruner.graph.summary import analyze_groups
+from dpruner.criteria.views import GroupTensors, group_tensors
 
 
 def _view(filters, norms=(), n=None, seed=0) -> GroupTensors:

@@ -15,7 +15,7 @@ from torch import nn
 import dpruner
 from dpruner.errors import EngineError
 from dpruner.graph.check import Expected, check_pruned, expected_outputs
-from dpruner.methods.api import analyze_groups
+from dpruner.graph.summary import analyze_groups
 from tests.graph.test_exactness import check_exact
 
 
