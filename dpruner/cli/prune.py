@@ -47,7 +47,7 @@ def prune(
     download: t.DownloadOpt = False,
     quiet: t.QuietOpt = False,
     target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs or params.")] = "macs",
-    method: Annotated[Optional[str], typer.Option("--method", help="Channel criterion: l1, l2, fpgm, bn, random (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Channel criterion: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group) or global (one threshold over normalised scores).")] = "uniform",
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Protect layers whose name matches this glob (repeatable), e.g. 'features.0*'.")] = None,
     round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep each group's channel count a multiple of this (e.g. 8).")] = 1,
@@ -200,7 +200,7 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
         requested = {"tolerance": controller.tolerance, "max_ratio": controller.max_ratio}
     else:
         teacher = copy.deepcopy(original).to(dev).eval() if distill else None
-        pruned_once = run_prune(copy.deepcopy(original), example, leaf_modules=leaves, **one_shot)
+        pruned_once = run_prune(copy.deepcopy(original), example, leaf_modules=leaves, data=bundle.train, **one_shot)
         pruned, plans, met = pruned_once.model, [pruned_once.plan], pruned_once.target_met
         used = fit(pruned.to(dev), bundle, train, device=dev, ctx=ctx, teacher=teacher,
                    description="fine-tune").epochs

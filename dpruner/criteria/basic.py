@@ -1,16 +1,37 @@
-"""Data-free criteria: L1 / L2 filter norm (Li et al. 2017), FPGM (He et al. 2019), BN scale (network slimming),
-and random (a baseline for tests and benchmarks)."""
+"""The criteria registry. Data-free: L1 / L2 filter norm (Li et al. 2017), FPGM (He et al. 2019), BN scale (network
+slimming), random (a baseline). Data-driven, from the statistics criteria.stats collects: Taylor (Molchanov et al.
+2019) and mean activation. Each criterion declares what it needs, so a method knows whether to gather data first."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from dpruner.errors import InputError
 from dpruner.criteria.views import GroupTensors
+from dpruner.errors import InputError
 
-Criterion = Callable[[GroupTensors], torch.Tensor]
+NEEDS = ("weights", "gradients", "activations")  # what a criterion can need: gradients/activations mean data
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A channel score: `score(view) -> Tensor[n_channels]`, higher = keep. `needs` says what it reads (weights
+    alone, or statistics gathered on data: `stats` names them, see criteria.stats)."""
+
+    name: str
+    score: Callable[[GroupTensors], torch.Tensor]
+    summary: str
+    needs: frozenset = frozenset({"weights"})
+    stats: tuple[str, ...] = ()
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.needs & {"gradients", "activations"})
+
+    def __call__(self, view: GroupTensors) -> torch.Tensor:
+        return self.score(view)
 
 
 def _normalized_mean(per_layer: list[torch.Tensor]) -> torch.Tensor:
@@ -49,12 +70,33 @@ def random(view: GroupTensors) -> torch.Tensor:
     return torch.rand(len(view.group.channels), generator=view.generator)
 
 
-CRITERIA: dict[str, Criterion] = {"l1": l1, "l2": l2, "fpgm": fpgm, "bn": bn, "random": random}
+def taylor(view: GroupTensors) -> torch.Tensor:
+    """First-order Taylor importance: (sum over positions of z * dL/dz)^2 per sample, averaged, summed over the
+    group's members (Molchanov et al. 2019). Comparable across groups without per-layer normalisation."""
+    return view.stats["taylor"]
+
+
+def activation(view: GroupTensors) -> torch.Tensor:
+    """Mean |activation| of the channel over the data (near-zero channels contribute little)."""
+    return view.stats["activation"]
+
+
+CRITERIA: dict[str, Criterion] = {c.name: c for c in (
+    Criterion("l1", l1, "sum of |w| of the channel's filters (Li et al. 2017)"),
+    Criterion("l2", l2, "Euclidean norm of the channel's filters"),
+    Criterion("fpgm", fpgm, "distance to the other filters: the nearest to the geometric median go (He et al. 2019)"),
+    Criterion("bn", bn, "|gamma| of the channel's BatchNorm (network slimming); L2 without one"),
+    Criterion("random", random, "seeded uniform scores (a baseline)"),
+    Criterion("taylor", taylor, "(z * dL/dz)^2 after the norm layer over a few batches (Molchanov et al. 2019)",
+              frozenset({"gradients", "activations"}), ("taylor",)),
+    Criterion("activation", activation, "mean |activation| over a few batches", frozenset({"activations"}),
+              ("activation",)),
+)}
 
 
 def get_criterion(name: str) -> Criterion:
     """A criterion by name (case-insensitive)."""
-    fn = CRITERIA.get(name.lower())
-    if fn is None:
+    found = CRITERIA.get(name.lower())
+    if found is None:
         raise InputError(f"Unknown method '{name}'; choose one of {', '.join(sorted(CRITERIA))}.")
-    return fn
+    return found

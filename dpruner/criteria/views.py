@@ -21,6 +21,7 @@ class GroupTensors:
       several rows; they are concatenated).
     norms: one (n,) vector per norm layer: |gamma| of the channel (mean over its positions).
     inputs: one (n, d) matrix per consuming layer: the weights that read the channel.
+    stats: per-channel statistics gathered on data, by name ('taylor', 'activation'), when a criterion needs them.
     """
 
     group: Group
@@ -28,6 +29,7 @@ class GroupTensors:
     norms: list[torch.Tensor] = field(default_factory=list)
     inputs: list[torch.Tensor] = field(default_factory=list)
     generator: torch.Generator | None = None
+    stats: dict = field(default_factory=dict)  # per-channel statistics gathered on data (criteria.stats)
 
 
 def _rows(module: nn.Module, role: str) -> torch.Tensor | None:

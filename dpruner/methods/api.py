@@ -57,14 +57,24 @@ class PruneResult:
 
 
 def score_groups(model: nn.Module, graph: DependencyGraph, index: ChannelIndex, method: str,
-                 seed: int = 0) -> dict[int, np.ndarray]:
-    """Criterion scores of every prunable group's channels."""
+                 seed: int = 0, *, data=None, score_batches: int = 10, device="cpu", ctx=None) -> dict[int, np.ndarray]:
+    """Criterion scores of every prunable group's channels. A criterion that needs data (taylor, activation)
+    first gathers its statistics over `score_batches` batches of `data` (an iterable of (inputs, labels))."""
     criterion = get_criterion(method)
+    stats: dict = {}
+    if criterion.needs_data:
+        if data is None:
+            raise InputError(f"The '{criterion.name}' criterion scores channels on data; give --data.")
+        from dpruner.criteria.stats import collect_stats
+
+        stats = collect_stats(model, graph, index, data, needs=criterion.stats, batches=score_batches,
+                              device=device, ctx=ctx)
     scores = {}
     for group in index.groups:
         if group.prunable:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + group.id)
             view = group_tensors(model, graph, index, group, generator)
+            view.stats = stats.get(group.id, {})
             scores[group.id] = criterion(view).detach().double().numpy()
     return scores
 
@@ -83,11 +93,15 @@ def prune(
     max_fraction: float = 0.9,
     seed: int = 0,
     leaf_modules: Iterable[type] = (),
+    data=None,
+    score_batches: int = 10,
 ) -> PruneResult:
     """Prune `model` in place so that `target` shrinks by `ratio` (e.g. 2.0: at most half the MACs), or remove
     `sparsity` (a fraction) of every group's channels. Channels are ranked by `method` (see dpruner.criteria).
     The final classifier's outputs and the network input are never pruned; `exclude` protects layers by fnmatch
-    pattern. Returns a PruneResult with the plan (plain data) and measured before/after params and MACs."""
+    pattern. Criteria that score on data (taylor, activation) read `score_batches` batches of `data` (an iterable
+    of (inputs, labels), e.g. a training loader). Returns a PruneResult with the plan (plain data) and measured
+    before/after params and MACs."""
     if (ratio is None) == (sparsity is None):
         raise InputError("Give exactly one of --ratio and --sparsity.")
     if ratio is not None and not (ratio > 1 and math.isfinite(ratio)):
@@ -97,7 +111,8 @@ def prune(
     if target not in TARGETS:
         raise InputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'.")
     alloc = Allocation(allocation, max_fraction, round_to)
-    get_criterion(method)  # fail on a bad name before any work
+    if get_criterion(method).needs_data and data is None:  # fail on a bad name or missing data before any work
+        raise InputError(f"The '{method}' criterion scores channels on data; give --data.")
     from dpruner.validate import finite_weights
 
     finite_weights(model, "The model")
@@ -111,7 +126,7 @@ def prune(
         expected = expected_outputs(model, example_input, graph.scopes)
         if not any(g.prunable for g in index.groups):
             raise nothing_prunable(index)
-        scores = score_groups(model, graph, index, method, seed)
+        scores = score_groups(model, graph, index, method, seed, data=data, score_batches=score_batches)
 
         def sizes_of(plan: dict) -> dict:
             """Params and MACs of the model `plan` makes, after the engine's check that it still runs."""

@@ -248,7 +248,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         step_no += 1
         current.cpu().eval()
         graph, index = analyze_groups(current, example, exclude=config.exclude, leaf_modules=leaf_modules)
-        scores = score_groups(current, graph, index, config.method)
+        scores = score_groups(current, graph, index, config.method, data=data.train, device=device, ctx=ctx)
         n_prunable = sum(len(g) for g in index.groups if g.prunable)
         if (not scores or n_prunable == 0) and not good_plans and step_no == 1:
             raise nothing_prunable(index)

@@ -62,7 +62,7 @@ def test_random_is_seeded_and_sized_by_the_group():
 
 
 def test_get_criterion_is_case_insensitive_and_names_the_choices_when_unknown():
-    assert basic.get_criterion("FPGM") is basic.fpgm
+    assert basic.get_criterion("FPGM").score is basic.fpgm
     with pytest.raises(InputError, match="Unknown method 'taylorish'.*bn, fpgm, l1, l2, random"):
         basic.get_criterion("taylorish")
 

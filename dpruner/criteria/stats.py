@@ -1,0 +1,127 @@
+"""The one collection step for data-driven criteria: run a few training batches through the model and gather, per
+channel of every prunable group, the statistics the criteria declare they need (see Criterion.needs).
+
+Where: at the output of each norm layer the group holds (Molchanov et al. 2019 put their gates after BatchNorm), or
+of its producing layers when it has none. What, per channel c of a group, summed over its member positions:
+  taylor      (sum over the sample's spatial/token positions of z * dL/dz)^2, averaged over samples: the squared
+              first-order change of the loss if the channel were zeroed (Molchanov et al., CVPR 2019);
+  activation  mean |z| over samples and positions (a cheap APoZ-style measure).
+Sums are in float64 (exact under AMP), summed over ranks under torchrun, then divided by the sample count.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpruner.graph.build import DependencyGraph
+from dpruner.graph.groups import ChannelIndex
+
+STATISTICS = ("taylor", "activation")
+
+
+def _probes(graph: DependencyGraph, index: ChannelIndex) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """module name -> [(group id, channel rank of each of the module's output positions, -1 if not the group's)]."""
+    probes: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for group in index.groups:
+        if not group.prunable:
+            continue
+        roles = [k for k in group.slots if graph.slots[k].role == "norm"] or \
+            [k for k in group.slots if graph.slots[k].role == "out"]
+        rank = np.full(len(index.roots), -1, dtype=np.int64)
+        rank[index.roots.searchsorted(group.channels)] = np.arange(len(group.channels))
+        for key in roles:
+            probes.setdefault(key[0], []).append((group.id, rank[index.slot_classes[key]]))
+    return probes
+
+
+def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex, loader: Iterable, *,
+                  needs: Iterable[str], batches: int = 10, device: torch.device | str = "cpu",
+                  ctx=None) -> dict[int, dict[str, torch.Tensor]]:
+    """{group id: {statistic: per-channel tensor}} for the statistics in `needs` (a subset of STATISTICS), from
+    at most `batches` batches of `loader` ((inputs, labels) pairs). The model's parameters and mode are restored
+    (gradients are computed, nothing is stepped; BatchNorm runs in eval mode so its statistics do not move)."""
+    from dpruner.train.distributed import DistContext, sum_across
+    from dpruner.train.evaluate import _batches
+
+    needs = set(needs) & set(STATISTICS)
+    ctx = ctx if ctx is not None else DistContext()
+    device = torch.device(device)
+    probes = _probes(graph, index)
+    sizes = {g.id: len(g.channels) for g in index.groups if g.prunable}
+    sums = {gid: {s: torch.zeros(n, dtype=torch.float64, device=device) for s in needs} for gid, n in sizes.items()}
+    if not needs or not probes:
+        return {gid: {} for gid in sizes}
+    was_training = model.training
+    model.eval().to(device)
+    seen = 0
+    saved: list[tuple[str, torch.Tensor]] = []
+    handles = []
+
+    def channel_dim(module: nn.Module, z: torch.Tensor) -> int:
+        """Linear and LayerNorm act on the last dim; convolutions and the other norms on dim 1."""
+        return z.dim() - 1 if isinstance(module, (nn.Linear, nn.LayerNorm)) or z.dim() < 2 else 1
+
+    def hook(name):
+        def fn(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.retain_grad()
+                saved.append((name, output))
+        return fn
+
+    for name in probes:
+        handles.append(graph.modules[name].register_forward_hook(hook(name)))
+    requires = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for i, (x, y) in enumerate(_batches(loader, "train")):
+            if i >= batches:
+                break
+            x, y = x.to(device), y.to(device)
+            saved.clear()
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+                if "taylor" in needs:
+                    loss.backward()
+            seen += len(y)
+            for name, z in saved:
+                n_pos = len(probes[name][0][1])
+                axis = channel_dim(graph.modules[name], z)
+                zz = z.detach().double().movedim(axis, -1).reshape(z.shape[0], -1, n_pos)  # (B, positions, C)
+                per = {}
+                if "taylor" in needs and z.grad is not None:
+                    g = z.grad.double().movedim(axis, -1).reshape(z.shape[0], -1, n_pos)
+                    per["taylor"] = (zz * g).sum(1)  # (B, C): first-order change per sample
+                if "activation" in needs:
+                    per["activation"] = zz.abs().mean(1)
+                for gid, rank in probes[name]:
+                    mine = torch.as_tensor(np.nonzero(rank >= 0)[0], device=device)
+                    target = torch.as_tensor(rank[rank >= 0], device=device)
+                    for stat, values in per.items():
+                        v = values[:, mine]
+                        contribution = (v ** 2).sum(0) if stat == "taylor" else v.sum(0)
+                        sums[gid][stat].index_add_(0, target, contribution)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    total = sum_across([float(seen)], ctx, device)[0]
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for gid, stats in sums.items():
+        out[gid] = {}
+        for stat, value in stats.items():
+            if ctx.enabled:
+                import torch.distributed as dist
+
+                dist.all_reduce(value)
+            out[gid][stat] = (value / max(total, 1.0)).float().cpu()
+    return out

@@ -1,0 +1,125 @@
+"""Data-driven criteria (issue: data-driven pruning): Taylor importance and mean activation, gathered by one
+collection step over a few batches; hand-built cases pin which channel scores lowest and why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpruner
+from dpruner.criteria import CRITERIA, get_criterion
+from dpruner.criteria.stats import collect_stats
+from dpruner.errors import InputError
+from dpruner.graph.summary import analyze_groups
+from dpruner.methods.api import score_groups
+
+
+class Net(nn.Module):
+    """conv -> BN -> relu -> conv -> pooled classifier: four channels in the first group."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv2(F.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+def _data(n_batches: int = 3, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+            for _ in range(n_batches)]
+
+
+def _first_group(index):
+    return next(g for g in index.groups if ("conv", "out", None) in g.slots)
+
+
+def test_registry_declares_what_each_criterion_needs():
+    assert not get_criterion("l1").needs_data and get_criterion("taylor").needs_data
+    assert get_criterion("activation").needs == frozenset({"activations"})
+    assert {"l1", "l2", "fpgm", "bn", "random", "taylor", "activation"} <= set(CRITERIA)
+    assert all(c.summary for c in CRITERIA.values())
+
+
+def test_a_channel_the_loss_does_not_see_has_zero_taylor_importance():
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.conv2.weight[:, 2] = 0  # channel 2 reaches nothing downstream: dL/dz is zero there
+    graph, index = analyze_groups(model, torch.randn(1, 3, 6, 6))
+    scores = score_groups(model, graph, index, "taylor", data=_data())[_first_group(index).id]
+    assert scores[2] == 0 and (scores[[0, 1, 3]] > 0).all()
+
+
+def test_a_dead_channel_has_zero_mean_activation():
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn.weight[1] = 0
+        model.bn.bias[1] = 0  # the BN output of channel 1 is exactly zero
+    graph, index = analyze_groups(model, torch.randn(1, 3, 6, 6))
+    scores = score_groups(model, graph, index, "activation", data=_data())[_first_group(index).id]
+    assert scores[1] == 0 and (scores[[0, 2, 3]] > 0).all()
+
+
+def test_taylor_matches_its_definition_on_one_batch():
+    """(sum over positions of z * dL/dz)^2 per sample, averaged, at the BN output."""
+    torch.manual_seed(1)
+    model = Net().eval()
+    (x, y), = _data(1)
+    z_store = {}
+    model.bn.register_forward_hook(lambda m, i, o: z_store.setdefault("z", o))
+    z_store.clear()
+    out = model(x)
+    z = z_store["z"]
+    grad, = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), z)
+    expected = ((z * grad).sum((2, 3)) ** 2).mean(0).detach()
+    model = Net().eval()
+    torch.manual_seed(1)
+    model = Net().eval()
+    graph, index = analyze_groups(model, x[:1])
+    stats = collect_stats(model, graph, index, [(x, y)], needs=["taylor"], batches=1)
+    torch.testing.assert_close(stats[_first_group(index).id]["taylor"], expected.float(), rtol=1e-4, atol=1e-8)
+
+
+def test_collection_leaves_the_model_as_it_was():
+    model = Net().train()
+    for p in model.fc.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph, index = analyze_groups(model, torch.randn(1, 3, 6, 6))
+    collect_stats(model, graph, index, _data(), needs=["taylor", "activation"], batches=2)
+    assert model.training and not model.fc.weight.requires_grad and model.conv.weight.grad is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_prune_with_a_data_criterion_needs_data_and_uses_it():
+    with pytest.raises(InputError, match="scores channels on data; give --data"):
+        dpruner.prune(Net().eval(), torch.randn(1, 3, 6, 6), sparsity=0.5, method="taylor")
+    model = Net().eval()
+    with torch.no_grad():
+        model.conv2.weight[:, 2] = 0
+    result = dpruner.prune(model, torch.randn(1, 3, 6, 6), sparsity=0.25, method="taylor", data=_data())
+    assert result.plan["modules"]["conv"]["out"] == [0, 1, 3]  # the channel the loss never sees went
+
+
+def test_cli_taylor_needs_data_and_prunes_with_it(tmp_path):
+    import json
+
+    from tests.cli.conftest import invoke
+    from tests.conftest import SAMPLE_MODELS
+
+    model = SAMPLE_MODELS / "digits_vgg.pt"
+    run = invoke("prune", model, "--method", "taylor", "--ratio", "2x", "-o", tmp_path / "a.pt")
+    assert run.code == 2 and "give --data" in run.one_error_line() and not (tmp_path / "a.pt").exists()
+    run = invoke("prune", model, "--data", "digits", "--method", "taylor", "--ratio", "2x", "--budget-epochs", "0.5",
+                 "-o", tmp_path / "b.pt", "--json")
+    assert run.code == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["method"] == "taylor" and doc["ratio"]["macs"] == pytest.approx(2.0, rel=0.05)
