@@ -12,6 +12,7 @@ from dpruner.cli import analyze as analyze_cmd
 from dpruner.cli import evaluate as evaluate_cmd
 from dpruner.cli import export as export_cmd
 from dpruner.cli import finetune as finetune_cmd
+from dpruner.cli import methods as methods_cmd
 from dpruner.cli import prune as prune_cmd
 from dpruner.cli import report as report_cmd
 
@@ -30,6 +31,7 @@ app.command("evaluate", help=evaluate_cmd.HELP)(evaluate_cmd.evaluate)
 app.command("finetune", help=finetune_cmd.HELP)(finetune_cmd.finetune)
 app.command("export", help=export_cmd.HELP)(export_cmd.export)
 app.command("report", help=report_cmd.HELP)(report_cmd.report)
+app.command("methods", help=methods_cmd.HELP)(methods_cmd.methods)
 
 
 def _version(value: bool) -> None:

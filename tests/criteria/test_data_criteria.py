@@ -123,3 +123,49 @@ def test_cli_taylor_needs_data_and_prunes_with_it(tmp_path):
     assert run.code == 0, run.stderr
     doc = json.loads(run.stdout)
     assert doc["method"] == "taylor" and doc["ratio"]["macs"] == pytest.approx(2.0, rel=0.05)
+
+
+SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.criteria.test_data_criteria import Net, _data
+from dpruner.criteria.stats import collect_stats
+from dpruner.graph.summary import analyze_groups
+from dpruner.train.distributed import setup, teardown
+ctx, device = setup("cpu")
+torch.manual_seed(0)
+model = Net().eval()
+graph, index = analyze_groups(model, torch.randn(1, 3, 6, 6))
+mine = _data(4)[ctx.rank::ctx.world_size]  # each rank reads its half of the batches
+stats = collect_stats(model, graph, index, mine, needs=["taylor", "activation"], batches=4, ctx=ctx)
+if ctx.is_main:
+    torch.save({{g: {{k: v for k, v in s.items()}} for g, s in stats.items()}}, {out!r})
+teardown()
+'''
+
+
+@pytest.mark.slow
+def test_collection_under_torchrun_matches_one_process(tmp_path):
+    """Two gloo ranks, each reading half of the batches, gather the same statistics as one process reading all."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    out = tmp_path / "stats.pt"
+    script = tmp_path / "collect.py"
+    script.write_text(SCRIPT.format(root=root, out=str(out)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script)], capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    both = torch.load(out)
+    torch.manual_seed(0)
+    model = Net().eval()
+    graph, index = analyze_groups(model, torch.randn(1, 3, 6, 6))
+    alone = collect_stats(model, graph, index, _data(4), needs=["taylor", "activation"], batches=4)
+    assert set(both) == set(alone)
+    for gid in alone:
+        for stat in ("taylor", "activation"):
+            torch.testing.assert_close(both[gid][stat], alone[gid][stat], rtol=1e-5, atol=1e-9)
