@@ -21,6 +21,7 @@ def evaluate(
     model: ModelArg,
     data: t.DataOpt = None,
     val_fraction: t.ValFractionOpt = 0.1,
+    val_from: t.ValFromOpt = "train",
     mean: t.MeanOpt = None,
     std: t.StdOpt = None,
     batch_size: t.BatchSizeOpt = 256,
@@ -46,7 +47,7 @@ def evaluate(
     shape = parse_input_shape(input_shape, spatial_dims=spatial_dims_of(loaded.model)) if input_shape \
         else loaded.input_shape
     bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                           val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std)
+                           val_fraction=val_fraction, val_from=val_from, seed=seed, download=download, ctx=ctx, mean=mean, std=std)
     results = evaluate_splits(loaded.model.to(dev), bundle, dev, ctx=ctx, quiet=quiet)
     if not ctx.is_main:
         return

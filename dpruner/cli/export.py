@@ -40,6 +40,7 @@ def export(
     memory: Annotated[bool, typer.Option("--memory", help="Also measure the peak memory of one forward per runtime and batch (a fresh process each; adds seconds).")] = False,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
+    val_from: t.ValFromOpt = "train",
     mean: t.MeanOpt = None,
     std: t.StdOpt = None,
     workers: t.WorkersOpt = 0,
@@ -83,7 +84,7 @@ def export(
         from dpruner.train.distributed import DistContext
 
         bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                               val_fraction=val_fraction, seed=0, download=False, ctx=DistContext(), mean=mean, std=std)
+                               val_fraction=val_fraction, val_from=val_from, seed=0, download=False, ctx=DistContext(), mean=mean, std=std)
     accuracy = accuracy_of(after_loaded.model, bundle)  # reads every batch: bad data fails here, before any write
     base_accuracy = accuracy_of(base_loaded.model, bundle) if base_loaded is not None else None
     result = export_model(after_loaded.model, shape, onnx, inputs=inputs, opset=opset, dynamic_batch=not static_batch,

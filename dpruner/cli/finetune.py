@@ -33,6 +33,7 @@ def finetune(
     warmup_epochs: t.WarmupOpt = 0.0,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
+    val_from: t.ValFromOpt = "train",
     mean: t.MeanOpt = None,
     std: t.StdOpt = None,
     augment: t.AugmentOpt = True,
@@ -73,7 +74,7 @@ def finetune(
     shape = parse_input_shape(input_shape, spatial_dims=spatial_dims_of(loaded.model)) if input_shape \
         else loaded.input_shape
     bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                           val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
+                           val_fraction=val_fraction, val_from=val_from, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
     net = loaded.model.to(dev)
     from dpruner.train.evaluate import check_compatible
 

@@ -39,6 +39,7 @@ def prune(
     warmup_epochs: t.WarmupOpt = 0.0,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
+    val_from: t.ValFromOpt = "train",
     mean: t.MeanOpt = None,
     std: t.StdOpt = None,
     augment: t.AugmentOpt = True,
@@ -118,7 +119,7 @@ def prune(
 
         ctx, dev = setup(device)
         bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                               val_fraction=val_fraction, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
+                               val_fraction=val_fraction, val_from=val_from, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
         log = (lambda message: err.print(f"[dim]{message}[/dim]", soft_wrap=True)) if ctx.is_main and not quiet else (lambda m: None)
         return _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, controller=controller,
                                 one_shot=one_shot, distill=distill, method=method, json_output=json_output, log=log,

@@ -105,6 +105,7 @@ def report(
     memory: Annotated[bool, typer.Option("--memory", help="Also measure the peak memory of one forward per runtime and batch (a fresh process each; adds seconds).")] = False,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
+    val_from: t.ValFromOpt = "train",
     mean: t.MeanOpt = None,
     std: t.StdOpt = None,
     workers: t.WorkersOpt = 0,
@@ -138,7 +139,7 @@ def report(
         from dpruner.train.distributed import DistContext
 
         bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                               val_fraction=val_fraction, seed=0, download=False, ctx=DistContext(), mean=mean, std=std)
+                               val_fraction=val_fraction, val_from=val_from, seed=0, download=False, ctx=DistContext(), mean=mean, std=std)
     doc = build_report(facts_for(after_loaded.model, shape, after, bundle, sizes, n_threads, latency, memory=memory),
                        facts_for(before_loaded.model, shape, before, bundle, sizes, n_threads, latency, memory=memory),
                        threads=n_threads)

@@ -11,6 +11,7 @@ import typer
 
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: digits, imagefolder:ROOT, cifar10:ROOT, cifar100:ROOT or python:file.py:fn (docs/data.md).")]
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Share of the training split held out for validation (tolerance decisions); never trained on.")]
+ValFromOpt = Annotated[str, typer.Option("--val-from", help="Where the validation split comes from: 'train' (carved from it, --val-fraction) or 'test' (half of the test split, seeded; the other half is reported as test). Use 'test' when the checkpoint was trained on the whole training split, so decisions are taken on data it never saw.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size per process.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data-loading worker processes.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda when available).")]
@@ -64,7 +65,8 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 
 def load_bundle(spec: str | None, *, input_shape, batch_size: int, workers: int, val_fraction: float, seed: int,
-                download: bool, ctx, mean: str | None = None, std: str | None = None, augment: bool = True):
+                download: bool, ctx, mean: str | None = None, std: str | None = None, augment: bool = True,
+                val_from: str = "train"):
     """The data set for a model whose input is `input_shape` (C,H,W or N,C,H,W; None: the data's own size)."""
     from dpruner.data.loaders import load_data
     from dpruner.errors import InputError
@@ -74,7 +76,7 @@ def load_bundle(spec: str | None, *, input_shape, batch_size: int, workers: int,
     image_size = int(input_shape[-1]) if input_shape is not None else None
     return load_data(spec, batch_size=batch_size, workers=workers, val_fraction=val_fraction, seed=seed,
                      download=download, image_size=image_size, rank=ctx.rank, world_size=ctx.world_size,
-                     mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment)
+                     mean=_floats(mean, "--mean"), std=_floats(std, "--std"), augment=augment, val_from=val_from)
 
 
 def percent(value: float | None) -> str:

@@ -1,7 +1,8 @@
 """Data loaders for every `--data` spec: train (augmented, shuffled), val (carved from train) and test splits.
 
-Splits: `val` is always carved out of the training split (stratified per class, seeded by `seed`) and seen with eval
-transforms only; `test` is the data set's own test split, kept for the final report. The same `seed` gives the same
+Splits: `val` is carved out of the training split (stratified per class, seeded by `seed`) and seen with eval
+transforms only; `test` is the data set's own test split, kept for the final report. With `val_from="test"` the test
+split is halved instead (stratified, seeded): one half is `val`, the other `test`, and the whole training split trains. The same `seed` gives the same
 split and the same train batch order on every run; `DataBundle.set_epoch(e)` makes epoch e's order a function of
 (seed, e) alone, so a resumed run replays it. Augmentation randomness comes from torch's global RNG when
 `workers == 0` (seed it with torch.manual_seed) and from per-worker seeds drawn from a generator seeded by `seed`
@@ -80,6 +81,10 @@ class _Options:
     std: tuple[float, ...] | None
     rank: int
     world_size: int
+    val_from: str = "train"
+
+
+VAL_FROM = ("train", "test")
 
 
 # ---- samplers and datasets ---------------------------------------------------------------------------------------
@@ -169,8 +174,10 @@ def _seed_worker(worker_id: int) -> None:
 def load_data(spec: str | DataSpec, *, batch_size: int = 128, workers: int = 0, val_fraction: float = 0.1,
               seed: int = 0, download: bool = False, augment: bool = True,
               image_size: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-              rank: int = 0, world_size: int = 1) -> DataBundle:
-    """Build train/val/test loaders for a data spec (see the module docstring for splits and determinism)."""
+              rank: int = 0, world_size: int = 1, val_from: str = "train") -> DataBundle:
+    """Build train/val/test loaders for a data spec (see the module docstring for splits and determinism).
+    `val_from='test'`: decisions are taken on data the checkpoint never trained on: the data set's test split is
+    halved (stratified, by `seed`); one half is the validation split, the other is reported as test."""
     if isinstance(spec, str):
         spec = parse_data_spec(spec, download=download)
     _check_int("batch_size", batch_size, 1)
@@ -180,13 +187,15 @@ def load_data(spec: str | DataSpec, *, batch_size: int = 128, workers: int = 0, 
         raise DataError(f"rank must be in [0, {world_size}) for world_size {world_size}, not {rank}.")
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction <= 0.9:
         raise DataError(f"val_fraction must be in (0, 0.9], not {val_fraction}.")
+    if val_from not in VAL_FROM:
+        raise DataError(f"val_from must be one of {', '.join(VAL_FROM)}, not {val_from!r}.")
     if image_size is not None:
         _check_int("image_size", image_size, 1)
     if (mean is None) != (std is None):
         raise DataError("Pass both mean and std to override the normalisation, or neither.")
     opts = _Options(batch_size, workers, float(val_fraction), seed, download, augment, image_size,
                     None if mean is None else tuple(float(m) for m in mean),
-                    None if std is None else tuple(float(s) for s in std), rank, world_size)
+                    None if std is None else tuple(float(s) for s in std), rank, world_size, val_from)
     if spec.kind == "digits":
         return _load_digits(opts)
     if spec.kind in ("cifar10", "cifar100"):
@@ -220,6 +229,8 @@ def carve_val(labels: torch.Tensor, fraction: float, seed: int) -> tuple[list[in
 
 
 def _split(labels: torch.Tensor, opts: _Options, where: str) -> tuple[list[int], list[int]]:
+    if opts.val_from == "test":  # validation comes from the test split: the whole training split trains
+        return list(range(len(labels))), []
     train, val = carve_val(labels, opts.val_fraction, opts.seed)
     for name, part in (("validation", val), ("training", train)):
         if not part:
@@ -281,9 +292,34 @@ def _name(spec: str, train: Dataset, val: Dataset, test: Dataset | None) -> str:
 
 def _bundle(spec: str, train: Dataset, val: Dataset, test: Dataset | None, opts: _Options, *, num_classes: int,
             input_shape: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> DataBundle:
+    name = None
+    if opts.val_from == "test":
+        val, test = _halve_test(spec, test, opts)
+        name = f"{spec} ({len(train)} train / {len(val)} val from test / {len(test)} test)"
     train_loader, val_loader, test_loader = _loaders(train, val, test, opts)
-    return DataBundle(_name(spec, train, val, test), num_classes, input_shape, train_loader, val_loader,
+    return DataBundle(name or _name(spec, train, val, test), num_classes, input_shape, train_loader, val_loader,
                       test_loader, tuple(mean), tuple(std))
+
+
+def _labels_of(dataset: Dataset) -> torch.Tensor:
+    """The labels of a split, without decoding its images where the data set knows them."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(list(targets))
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def _halve_test(spec: str, test: Dataset | None, opts: _Options) -> tuple[Dataset, Dataset]:
+    """(val, test): the test split halved, stratified per class and seeded, for decisions on held-out data."""
+    if test is None or len(test) < 2:
+        raise DataError(f"--val-from test needs a test split of at least two images, and {spec} has "
+                        f"{'none' if test is None else len(test)}.")
+    report, decide = carve_val(_labels_of(test), 0.5, opts.seed)
+    if not decide or not report:
+        raise DataError(f"The test split of {spec} is too small to halve ({len(test)} images).")
+    return Subset(test, decide), Subset(test, report)
 
 
 # ---- digits ------------------------------------------------------------------------------------------------------
@@ -462,6 +498,9 @@ def _class_list(classes: list[str], limit: int = 5) -> str:
 
 def _load_python(spec: DataSpec, opts: _Options) -> DataBundle:
     """Call the user's FN and check what it returns (the contract is in the module docstring)."""
+    if opts.val_from != "train":
+        raise DataError(f"--val-from test does not apply to '{spec}': its function returns its own validation "
+                        "loader; have it hold out what you need.")
     if opts.mean is not None:
         raise DataError(f"mean and std cannot be applied to the loaders of '{spec}'; normalise inside "
                         f"{spec.file.name} instead.")
