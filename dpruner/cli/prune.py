@@ -48,8 +48,9 @@ def prune(
     download: t.DownloadOpt = False,
     quiet: t.QuietOpt = False,
     target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs or params.")] = "macs",
-    method: Annotated[Optional[str], typer.Option("--method", help="Channel criterion: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
-    allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group) or global (one threshold over normalised scores).")] = "uniform",
+    method: Annotated[Optional[str], typer.Option("--method", help="Channel criterion: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches, and pca-gm (PCA widths + geometric-median survivors, seed 001) (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group), global (one threshold over normalised scores), or pca (with --data: each group keeps the width whose principal components explain the needed share of its activations' variance; seed 001).")] = "uniform",
+    pca_energy: Annotated[Optional[float], typer.Option("--pca-energy", help="With --allocation pca or --method pca-gm instead of --ratio: the share of each group's activation variance its kept width must explain, e.g. 0.99.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Protect layers whose name matches this glob (repeatable), e.g. 'features.0*'.")] = None,
     round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep each group's channel count a multiple of this (e.g. 8).")] = 1,
     max_fraction: Annotated[float, typer.Option("--max-fraction", help="At most this share of any group is removed.")] = 0.9,
@@ -77,7 +78,7 @@ def prune(
     check_output_path(output)
     check_not_input(output, [model])
     check_not_input(state_path_for(output), [model])  # a tolerance run's state lives beside the output
-    if tolerance is not None and (ratio is not None or sparsity is not None):
+    if tolerance is not None and (ratio is not None or sparsity is not None or pca_energy is not None):
         raise InputError("Give one of --ratio, --sparsity and --tolerance.")
     if tolerance is not None and data is None:
         raise InputError("--tolerance needs --data: accuracy is measured on its validation split.")
@@ -103,7 +104,8 @@ def prune(
                                          exclude=tuple(exclude or ()))
         else:
             one_shot = dict(ratio=ratio_value, sparsity=sparsity, target=target, method=method, allocation=allocation,
-                            exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed)
+                            exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
+                            pca_energy=pca_energy)
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     from dpruner.validate import finite_weights
 
@@ -125,7 +127,7 @@ def prune(
                                 one_shot=one_shot, distill=distill, method=method, json_output=json_output, log=log,
                                 resume=resume)
     result = run_prune(
-        loaded.model, torch.randn(*shape), ratio=ratio_value,
+        loaded.model, torch.randn(*shape), ratio=ratio_value, pca_energy=pca_energy,
         sparsity=sparsity, target=target, method=method, allocation=allocation, exclude=tuple(exclude or ()),
         round_to=round_to, max_fraction=max_fraction, seed=seed, leaf_modules=leaves,
     )

@@ -5,7 +5,10 @@ Where: at the output of each norm layer the group holds (Molchanov et al. 2019 p
 of its producing layers when it has none. What, per channel c of a group, summed over its member positions:
   taylor      (sum over the sample's spatial/token positions of z * dL/dz)^2, averaged over samples: the squared
               first-order change of the loss if the channel were zeroed (Molchanov et al., CVPR 2019);
-  activation  mean |z| over samples and positions (a cheap APoZ-style measure).
+  activation  mean |z| over samples and positions (a cheap APoZ-style measure);
+  spectrum    the cumulative shares of variance explained by the principal components of the channels' activations
+              (each position of each sample is one observation; the covariance is accumulated in float64), for the
+              PCA width rule of seed 001 (methods.oneshot.pca_width).
 Sums are in float64 (exact under AMP), summed over ranks under torchrun, then divided by the sample count.
 """
 
@@ -21,7 +24,8 @@ from torch import nn
 from dpruner.graph.build import DependencyGraph
 from dpruner.graph.groups import ChannelIndex
 
-STATISTICS = ("taylor", "activation")
+STATISTICS = ("taylor", "activation", "spectrum")
+MAX_ROWS = 8192  # observations per probe and batch kept for the covariance (a seeded subsample beyond that)
 
 
 def _probes(graph: DependencyGraph, index: ChannelIndex) -> dict[str, list[tuple[int, np.ndarray]]]:
@@ -53,7 +57,13 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
     device = torch.device(device)
     probes = _probes(graph, index)
     sizes = {g.id: len(g.channels) for g in index.groups if g.prunable}
-    sums = {gid: {s: torch.zeros(n, dtype=torch.float64, device=device) for s in needs} for gid, n in sizes.items()}
+    sums = {gid: {s: torch.zeros(n, dtype=torch.float64, device=device) for s in needs if s != "spectrum"}
+            for gid, n in sizes.items()}
+    moments = {gid: [torch.zeros(n, n, dtype=torch.float64, device=device),
+                     torch.zeros(n, dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64,
+                                                                                   device=device)]
+               for gid, n in sizes.items()} if "spectrum" in needs else {}
+    generator = torch.Generator().manual_seed(0)
     if not needs or not probes:
         return {gid: {} for gid in sizes}
     was_training = model.training
@@ -100,6 +110,9 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
                     per["taylor"] = (zz * g).sum(1)  # (B, C): first-order change per sample
                 if "activation" in needs:
                     per["activation"] = zz.abs().mean(1)
+                rows = zz.reshape(-1, n_pos) if "spectrum" in needs else None
+                if rows is not None and len(rows) > MAX_ROWS:
+                    rows = rows[torch.randperm(len(rows), generator=generator)[:MAX_ROWS].to(device)]
                 for gid, rank in probes[name]:
                     mine = torch.as_tensor(np.nonzero(rank >= 0)[0], device=device)
                     target = torch.as_tensor(rank[rank >= 0], device=device)
@@ -107,6 +120,11 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
                         v = values[:, mine]
                         contribution = (v ** 2).sum(0) if stat == "taylor" else v.sum(0)
                         sums[gid][stat].index_add_(0, target, contribution)
+                    if rows is not None:  # positions of one channel are summed into it
+                        x = rows.new_zeros(len(rows), sizes[gid]).index_add_(1, target, rows[:, mine])
+                        moments[gid][0] += x.T @ x
+                        moments[gid][1] += x.sum(0)
+                        moments[gid][2] += len(x)
     finally:
         for handle in handles:
             handle.remove()
@@ -116,12 +134,35 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
         model.train(was_training)
     total = sum_across([float(seen)], ctx, device)[0]
     out: dict[int, dict[str, torch.Tensor]] = {}
+    for gid, (xx, x, n) in moments.items():
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            for t in (xx, x, n):
+                dist.all_reduce(t)
+        sums[gid]["spectrum"] = _cumulative_spectrum(xx, x, float(n))
     for gid, stats in sums.items():
         out[gid] = {}
         for stat, value in stats.items():
+            if stat == "spectrum":
+                out[gid][stat] = value.cpu()
+                continue
             if ctx.enabled:
                 import torch.distributed as dist
 
                 dist.all_reduce(value)
             out[gid][stat] = (value / max(total, 1.0)).float().cpu()
     return out
+
+
+def _cumulative_spectrum(xx: torch.Tensor, x: torch.Tensor, n: float) -> torch.Tensor:
+    """Cumulative shares of the covariance's eigenvalues, largest first (float64; all ones for a constant signal)."""
+    if n < 2:
+        return torch.ones(len(x), dtype=torch.float64)
+    mean = x / n
+    cov = (xx - n * torch.outer(mean, mean)) / (n - 1)
+    values = torch.linalg.eigvalsh(cov.cpu()).flip(0).clamp_min(0)
+    total = values.sum()
+    if total <= 0:
+        return torch.ones(len(x), dtype=torch.float64)
+    return (values.cumsum(0) / total).clamp_max(1.0)

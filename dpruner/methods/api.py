@@ -95,6 +95,7 @@ def prune(
     leaf_modules: Iterable[type] = (),
     data=None,
     score_batches: int = 10,
+    pca_energy: float | None = None,
 ) -> PruneResult:
     """Prune `model` in place so that `target` shrinks by `ratio` (e.g. 2.0: at most half the MACs), or remove
     `sparsity` (a fraction) of every group's channels. Channels are ranked by `method` (see dpruner.criteria).
@@ -102,8 +103,22 @@ def prune(
     pattern. Criteria that score on data (taylor, activation) read `score_batches` batches of `data` (an iterable
     of (inputs, labels), e.g. a training loader). Returns a PruneResult with the plan (plain data) and measured
     before/after params and MACs."""
-    if (ratio is None) == (sparsity is None):
-        raise InputError("Give exactly one of --ratio and --sparsity.")
+    requested_method = method
+    if method == "pca-gm":  # seed 001: widths from PCA of the activations, survivors by geometric median
+        method, allocation = "fpgm", "pca"
+    if pca_energy is not None:
+        if allocation != "pca":
+            raise InputError("--pca-energy sets widths by PCA: use it with --allocation pca or --method pca-gm.")
+        if not 0 < pca_energy <= 1:
+            raise InputError(f"--pca-energy must lie in (0, 1], got {pca_energy:g}.")
+    if sum(v is not None for v in (ratio, sparsity, pca_energy)) != 1:
+        raise InputError("Give exactly one of --ratio and --sparsity"
+                         + (" (or --pca-energy)." if allocation == "pca" else "."))
+    if allocation == "pca" and sparsity is not None:
+        raise InputError("--allocation pca sets each group's width from its activations; give --ratio or "
+                         "--pca-energy, not --sparsity.")
+    if allocation == "pca" and data is None:
+        raise InputError("--allocation pca (and --method pca-gm) measures activations on data; give --data.")
     if ratio is not None and not (ratio > 1 and math.isfinite(ratio)):
         raise InputError(f"--ratio must be a finite number greater than 1 (e.g. 2x), got {ratio:g}.")
     if sparsity is not None and not 0 < sparsity < 1:
@@ -127,6 +142,13 @@ def prune(
         if not any(g.prunable for g in index.groups):
             raise nothing_prunable(index)
         scores = score_groups(model, graph, index, method, seed, data=data, score_batches=score_batches)
+        if alloc.kind == "pca":
+            from dataclasses import replace
+
+            from dpruner.criteria.stats import collect_stats
+
+            stats = collect_stats(model, graph, index, data, needs=["spectrum"], batches=score_batches)
+            alloc = replace(alloc, spectra={gid: s["spectrum"].numpy() for gid, s in stats.items() if s})
 
         def sizes_of(plan: dict) -> dict:
             """Params and MACs of the model `plan` makes, after the engine's check that it still runs."""
@@ -134,8 +156,11 @@ def prune(
             check_pruned(pruned, example_input, expected, leaf_modules=leaf_modules)
             return count_sizes(pruned, example_input)
 
-        if sparsity is not None:
-            level = sparsity if alloc.kind == "uniform" else _global_quantile(scores, sparsity)
+        if sparsity is not None or pca_energy is not None:
+            if pca_energy is not None:
+                level = 1.0 - pca_energy
+            else:
+                level = sparsity if alloc.kind == "uniform" else _global_quantile(scores, sparsity)
             plan = make_plan(graph, index, index.roots[select(index, scores, alloc, level)])
             after = sizes_of(plan)
             met = True
@@ -153,9 +178,9 @@ def prune(
         after=after,
         ratio={k: before[k] / max(after[k], 1) for k in TARGETS},
         target=target,
-        requested={"ratio": ratio, "sparsity": sparsity},
+        requested={"ratio": ratio, "sparsity": sparsity, **({"pca_energy": pca_energy} if pca_energy else {})},
         target_met=met,
-        method=method,
+        method=requested_method,
         allocation=allocation,
         groups=_group_summaries(index, plan, graph),
         unprunable=[{"layers": g.layers, "channels": len(g), "reasons": g.reasons[:5]}

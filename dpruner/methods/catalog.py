@@ -6,7 +6,10 @@ from __future__ import annotations
 ALLOCATION_SUMMARIES = {
     "uniform": "the same fraction of channels from every prunable group (the fraction is searched for the target)",
     "global": "one threshold on scores normalised per group, across all groups",
+    "pca": "each group keeps the width whose principal components explain a share of its activations' variance "
+           "(--pca-energy, or searched for --ratio); seed 001",
 }
+ALLOCATION_NEEDS = {"pca": ["data"]}
 
 METHODS = [
     {"name": "one-shot", "how": "--ratio / --sparsity, no --data",
@@ -19,6 +22,10 @@ METHODS = [
      "summary": "Play-and-Prune: prune, fine-tune with an L1 push, measure, adapt the rate until accuracy "
                 "would drop past the tolerance",
      "needs": ["data", "training"]},
+    {"name": "pca-gm", "how": "--method pca-gm with --data, and --ratio or --pca-energy",
+     "summary": "seed 001: widths from PCA of each group's activations, survivors nearest the geometric median go "
+                "last (FPGM)",
+     "needs": ["data"]},
 ]
 
 
@@ -29,6 +36,6 @@ def catalog() -> dict:
 
     criteria = [{"name": c.name, "summary": c.summary, "needs": sorted(c.needs),
                  "data": c.needs_data} for c in CRITERIA.values()]
-    allocations = [{"name": name, "summary": ALLOCATION_SUMMARIES[name], "needs": ["weights"]}
+    allocations = [{"name": name, "summary": ALLOCATION_SUMMARIES[name], "needs": ALLOCATION_NEEDS.get(name, ["weights"])}
                    for name in ALLOCATIONS]
     return {"methods": [dict(m) for m in METHODS], "criteria": criteria, "allocations": allocations}

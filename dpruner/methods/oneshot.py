@@ -12,18 +12,21 @@ from dpruner.errors import InputError
 from dpruner.graph.groups import ChannelIndex
 from dpruner.methods.cost import CostModel
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "pca")
 
 
 @dataclass(frozen=True)
 class Allocation:
-    """How channels are spread over groups: 'uniform' (the same fraction of every group) or 'global' (one threshold
-    over scores normalised by each group's mean). `max_fraction` caps any group's loss; `round_to` rounds each
-    group's kept count up to a multiple (hardware-friendly widths)."""
+    """How channels are spread over groups: 'uniform' (the same fraction of every group), 'global' (one threshold
+    over scores normalised by each group's mean) or 'pca' (seed 001: each group keeps the smallest width whose
+    principal components explain a share of its output activations' variance; `spectra` holds each group's
+    cumulative explained-variance shares, from criteria.stats). `max_fraction` caps any group's loss; `round_to`
+    rounds each group's kept count up to a multiple (hardware-friendly widths)."""
 
     kind: str = "uniform"
     max_fraction: float = 0.9
     round_to: int = 1
+    spectra: dict | None = None  # 'pca': group id -> cumulative explained-variance shares (ascending to 1)
 
     def __post_init__(self):
         if self.kind not in ALLOCATIONS:
@@ -47,6 +50,14 @@ def _kept_count(n: int, n_remove: int, alloc: Allocation) -> int:
     return kept
 
 
+def pca_width(cumulative: np.ndarray, energy: float) -> int:
+    """The smallest number of principal components whose variance shares add up to at least `energy` (at least
+    one; all of them at energy 1)."""
+    if energy >= 1.0 - 1e-12:
+        return len(cumulative)
+    return max(1, int(np.searchsorted(cumulative, energy - 1e-12) + 1))
+
+
 def select(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation, level: float) -> np.ndarray:
     """Flags (per dense class) of the channels removed at `level`: a fraction for 'uniform', a threshold on
     normalised scores for 'global'. Ties break by channel order, so the result is deterministic."""
@@ -59,6 +70,9 @@ def select(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation
         order = np.lexsort((np.arange(n), s))  # ascending score, then position
         if alloc.kind == "uniform":
             n_remove = math.floor(level * n + 1e-9)
+        elif alloc.kind == "pca":
+            n_remove = n - pca_width(alloc.spectra[group.id], 1.0 - level) if alloc.spectra and \
+                group.id in alloc.spectra else 0
         else:
             n_remove = int((normalized(s) < level).sum())
         kept = _kept_count(n, n_remove, alloc)
@@ -73,7 +87,7 @@ def search(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation
     """Smallest pruning level whose estimated `target` ('macs' or 'params') is at most `goal` (bisection).
     Returns the removal flags and the estimate; if even the strongest level cannot reach the goal, that level."""
     which = 0 if target == "macs" else 1
-    if alloc.kind == "uniform":
+    if alloc.kind in ("uniform", "pca"):  # pca: level = 1 - the explained-variance share kept
         lo, hi = 0.0, 1.0
     else:
         top = max((float(np.max(normalized(s))) for s in scores.values()), default=1.0)
