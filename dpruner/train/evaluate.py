@@ -140,3 +140,33 @@ def check_compatible(model: nn.Module, loader, num_classes: int, device: torch.d
         raise ShapeError(f"The model has {out.shape[1]} outputs but the data set has {num_classes} classes; pass "
                          "the matching --num-classes or another --data.")
     return tuple(x.shape[1:])
+
+
+def recalibrate_bn(model: nn.Module, loader, *, batches: int = 50, device: torch.device | str = "cpu") -> int:
+    """Re-estimate every BatchNorm's running statistics from `batches` batches of `loader` (train-mode forward
+    passes without gradients, cumulative averages): pruning changes the statistics the kept channels see, and
+    stale ones cost accuracy that no weight update is needed to recover. Nothing else changes (parameters, the
+    model's mode afterwards). Returns the number of samples seen."""
+    device = torch.device(device)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum) for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    model.to(device).train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for i, (x, _) in enumerate(_batches(loader, "train")):
+                if i >= batches:
+                    break
+                model(x.to(device))
+                seen += len(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
