@@ -77,7 +77,7 @@ def taylor(view: GroupTensors) -> torch.Tensor:
 
 
 def activation(view: GroupTensors) -> torch.Tensor:
-    """Mean |activation| of the channel over the data (near-zero channels contribute little)."""
+    """Mean positive part of the channel's activation over the data (what a following ReLU lets through)."""
     return view.stats["activation"]
 
 
@@ -89,7 +89,8 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     Criterion("random", random, "seeded uniform scores (a baseline)"),
     Criterion("taylor", taylor, "(z * dL/dz)^2 after the norm layer over a few batches (Molchanov et al. 2019)",
               frozenset({"gradients", "activations"}), ("taylor",)),
-    Criterion("activation", activation, "mean |activation| over a few batches", frozenset({"activations"}),
+    Criterion("activation", activation, "mean positive activation over a few batches (APoZ-style)",
+              frozenset({"activations"}),
               ("activation",)),
 )}
 
