@@ -53,7 +53,9 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
     from dpruner.train.distributed import DistContext, sum_across
     from dpruner.train.evaluate import _batches
 
-    needs = set(needs) & set(STATISTICS)
+    wanted = set(needs)
+    needs = [stat for stat in STATISTICS if stat in wanted]  # a fixed order: every rank all-reduces the same tensors
+    # in the same sequence (iterating a set of strings would follow each process's own hash seed)
     ctx = ctx if ctx is not None else DistContext()
     device = torch.device(device)
     probes = _probes(graph, index)
