@@ -118,11 +118,15 @@ def analyze(
     measures: Mapping[type, Measure] | None = None,
     full: bool = False,
     source: dict | None = None,
+    data=None,
+    score_batches: int = 10,
 ) -> Analysis:
     """Analyse every layer whose type has a measure (Conv2d, ConvTranspose2d, Linear, BatchNorm2d by default).
 
     `input_shape` is N,C,H,W; MACs are for that batch size. `full` lifts the cost limit on PCA/GM measures of huge
-    layers. The model's train/eval mode is restored afterwards.
+    layers. The model's train/eval mode is restored afterwards. With `data` (an iterable of (inputs, labels)), each
+    channel group also gets the widths PCA would keep (`pca_widths`: explained-variance share -> channels, from
+    `score_batches` batches; see --allocation pca).
     """
     from dpruner.validate import finite_weights
 
@@ -155,7 +159,7 @@ def analyze(
             )
     finally:
         model.train(was_training)
-    groups, groups_error, opaque, share = coupling(model, input_shape, macs)
+    groups, groups_error, opaque, share = coupling(model, input_shape, macs, data=data, score_batches=score_batches)
     ranked = sorted(
         ((score, layer) for layer in layers if (score := _redundancy_score(layer)) is not None),
         key=lambda item: -item[0],
@@ -181,7 +185,11 @@ def analyze(
     )
 
 
-def coupling(model: nn.Module, input_shape, macs=None) -> tuple[list[dict], str | None, list[dict], float | None]:
+PCA_SHARES = (0.9, 0.95, 0.99)  # explained-variance shares for which `analyze --data` reports each group's width
+
+
+def coupling(model: nn.Module, input_shape, macs=None, *, data=None,
+             score_batches: int = 10) -> tuple[list[dict], str | None, list[dict], float | None]:
     """The channel groups of the model's dependency graph: which layers lose channels together, and for groups
     that cannot be pruned, the node and reason; the modules torch.fx could not follow; the share of the MACs
     (`macs`: a MacCount) that prunable groups reach. A graph that cannot be built is reported, not raised."""
@@ -195,12 +203,23 @@ def coupling(model: nn.Module, input_shape, macs=None) -> tuple[list[dict], str 
     except Exception as exc:  # a bug in a graph rule must not cost the user the rest of the analysis
         return [], (f"the dependency graph could not be built ({type(exc).__name__}: {exc}); this is a bug in "
                     "dpruner"), [], None
+    spectra = {}
+    if data is not None:
+        from dpruner.criteria.stats import collect_stats
+
+        spectra = {gid: st["spectrum"].numpy() for gid, st in
+                   collect_stats(model, graph, index, data, needs=["spectrum"], batches=score_batches).items() if st}
     out = []
     for g in index.groups:
         if not g.has_producer:
             continue  # the network input's channels: never pruned, nothing to report
-        out.append({"id": g.id, "channels": len(g), "layers": g.layers, "prunable": g.prunable,
-                    "reasons": g.reasons[:5]})
+        entry = {"id": g.id, "channels": len(g), "layers": g.layers, "prunable": g.prunable,
+                 "reasons": g.reasons[:5]}
+        if g.id in spectra:
+            from dpruner.methods.oneshot import pca_width
+
+            entry["pca_widths"] = {f"{share:g}": pca_width(spectra[g.id], share) for share in PCA_SHARES}
+        out.append(entry)
     share = prunable_macs_share(index, macs.by_module, macs.total) if macs is not None else None
     return out, None, opaque_summary(graph), share
 

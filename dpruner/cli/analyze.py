@@ -8,6 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from dpruner.cli import training as t
 from dpruner.cli.errors import handle_errors
 from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt
 from dpruner.cli.output import emit_json, human, stderr_console, stdout_console
@@ -24,6 +25,10 @@ def analyze(
     trust_checkpoint: TrustOpt = False,
     json_output: JsonOpt = False,
     full: Annotated[bool, typer.Option("--full", help="Also compute PCA and geometric-median measures of very large layers (e.g. VGG's 4096x25088 classifier: ~30 s each on 2 cores).")] = False,
+    data: t.DataOpt = None,
+    batch_size: t.BatchSizeOpt = 128,
+    mean: t.MeanOpt = None,
+    std: t.StdOpt = None,
 ) -> None:
     """Analyse MODEL and print a table (or JSON) with one row per Conv/ConvTranspose/Linear/BatchNorm layer."""
     from dpruner.analysis import analyze as run_analysis
@@ -40,7 +45,13 @@ def analyze(
     if origin.endswith(" default"):
         err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} ({origin}; set --input-shape)[/dim]")
     source = {"path": str(model), "format": loaded.source_format, "arch": loaded.arch}
-    result = run_analysis(loaded.model, shape, full=full, source=source)
+    loader = None
+    if data is not None:  # the widths PCA would keep per group, from the activations on 10 training batches
+        from dpruner.train.distributed import DistContext
+
+        loader = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=0, val_fraction=0.1, seed=0,
+                               download=False, ctx=DistContext(), mean=mean, std=std, augment=False).train
+    result = run_analysis(loaded.model, shape, full=full, source=source, data=loader)
     if json_output:
         emit_json(result.to_json())
     else:
@@ -133,6 +144,14 @@ def render(result) -> None:
         for g in sorted(coupled, key=lambda g: -len(g["layers"]))[:3]:
             out.print(f"  coupled: {len(g['layers'])} layers share {g['channels']} channels "
                       f"({', '.join(g['layers'][:4])}, ...)")
+        widths = [g for g in result.groups if g.get("pca_widths")]
+        if widths:
+            out.print("PCA widths (channels whose principal components explain 90/95/99% of the group's activation "
+                      "variance; --allocation pca):")
+            for g in widths[:12]:
+                w = g["pca_widths"]
+                out.print(f"  {', '.join(g['layers'][:3])}{', ...' if len(g['layers']) > 3 else ''}: "
+                          f"{w['0.9']}/{w['0.95']}/{w['0.99']} of {g['channels']}")
         for g in [g for g in result.groups if not g["prunable"]][:8]:
             out.print(f"  [yellow]unprunable[/yellow] {', '.join(g['layers'][:3])}: {'; '.join(g['reasons'][:2])}")
     if result.uncounted_ops:
