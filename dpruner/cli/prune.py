@@ -134,7 +134,7 @@ def prune(
     meta = {**loaded.meta, "pruned": {"method": method, "allocation": allocation, "target": target,
                                       "requested": result.requested, "ratio": result.ratio, "source": str(model)}}
     save_pruned(output, result.model, loaded, inputs=[model], input_shape=shape,
-                plan=[*(loaded.plan or []), result.plan], meta=meta, dtype=_source_dtype(loaded))
+                plan=[*(loaded.plan or []), result.plan], meta=meta)
     document = {"schema": SCHEMA_VERSION, "input": str(model), "output": str(output), "arch": loaded.arch,
                 "input_shape": list(shape), **result.to_json()}
     if json_output:
@@ -145,14 +145,6 @@ def prune(
         print_error(f"the requested ratio was not reached (achieved {result.ratio[target]:.2f}x {target}); "
                     f"the model was written to '{output}' anyway.")
         raise typer.Exit(EXIT_TARGET_NOT_MET)
-
-
-def _source_dtype(loaded):
-    """The dtype a trusted pickle stored its weights in (written back in it), or None."""
-    import torch
-
-    name = loaded.meta.get("dtype") if loaded.arch is None else None
-    return getattr(torch, name) if name in ("float16", "bfloat16") else None
 
 
 def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, *, controller, one_shot,
@@ -233,7 +225,7 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
                                           "val_accuracy": after_doc["accuracy"],
                                           "test_accuracy": after_doc.get("test_accuracy")}}
         save_pruned(output, pruned, loaded, inputs=[model], input_shape=shape, plan=[*(loaded.plan or []), *plans],
-                    meta=meta, dtype=_source_dtype(loaded))
+                    meta=meta)
     else:
         document["output"] = None
     if controller is not None:

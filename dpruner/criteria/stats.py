@@ -58,17 +58,20 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
     # in the same sequence (iterating a set of strings would follow each process's own hash seed)
     ctx = ctx if ctx is not None else DistContext()
     device = torch.device(device)
-    probes = _probes(graph, index)
     sizes = {g.id: len(g.channels) for g in index.groups if g.prunable}
-    sums = {gid: {s: torch.zeros(n, dtype=torch.float64, device=device) for s in needs if s != "spectrum"}
-            for gid, n in sizes.items()}
-    moments = {gid: [torch.zeros(n, n, dtype=torch.float64, device=device),
-                     torch.zeros(n, dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64,
-                                                                                   device=device)]
-               for gid, n in sizes.items()} if "spectrum" in needs else {}
-    generator = torch.Generator().manual_seed(0)
+    probes = {name: [(gid, torch.as_tensor(np.nonzero(rank >= 0)[0], device=device),
+                      torch.as_tensor(rank[rank >= 0], device=device), len(rank)) for gid, rank in members]
+              for name, members in _probes(graph, index).items()}  # (group, own positions, their channels, width)
     if not needs or not probes:
         return {gid: {} for gid in sizes}
+    per_sample = [stat for stat in needs if stat != "spectrum"]
+    sums = {gid: {stat: torch.zeros(n, dtype=torch.float64, device=device) for stat in per_sample}
+            for gid, n in sizes.items()}
+    moments = {gid: [torch.zeros(n, n, dtype=torch.float64, device=device),
+                     torch.zeros(n, dtype=torch.float64, device=device),
+                     torch.zeros((), dtype=torch.float64, device=device)]
+               for gid, n in sizes.items()} if "spectrum" in needs else {}
+    generator = torch.Generator().manual_seed(0)
     was_training = model.training
     model.eval().to(device)
     seen = 0
@@ -104,7 +107,7 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
                     loss.backward()
             seen += len(y)
             for name, z in saved:
-                n_pos = len(probes[name][0][1])
+                n_pos = probes[name][0][3]
                 axis = channel_dim(graph.modules[name], z)
                 zz = z.detach().double().movedim(axis, -1).reshape(z.shape[0], -1, n_pos)  # (B, positions, C)
                 per = {}
@@ -116,18 +119,16 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
                 rows = zz.reshape(-1, n_pos) if "spectrum" in needs else None
                 if rows is not None and len(rows) > MAX_ROWS:
                     rows = rows[torch.randperm(len(rows), generator=generator)[:MAX_ROWS].to(device)]
-                for gid, rank in probes[name]:
-                    mine = torch.as_tensor(np.nonzero(rank >= 0)[0], device=device)
-                    target = torch.as_tensor(rank[rank >= 0], device=device)
+                for gid, mine, target, _ in probes[name]:
                     for stat, values in per.items():
                         v = values[:, mine]
                         contribution = (v ** 2).sum(0) if stat == "taylor" else v.sum(0)
                         sums[gid][stat].index_add_(0, target, contribution)
                     if rows is not None:  # positions of one channel are summed into it
-                        x = rows.new_zeros(len(rows), sizes[gid]).index_add_(1, target, rows[:, mine])
-                        moments[gid][0] += x.T @ x
-                        moments[gid][1] += x.sum(0)
-                        moments[gid][2] += len(x)
+                        obs = rows.new_zeros(len(rows), sizes[gid]).index_add_(1, target, rows[:, mine])
+                        moments[gid][0] += obs.T @ obs
+                        moments[gid][1] += obs.sum(0)
+                        moments[gid][2] += len(obs)
     finally:
         for handle in handles:
             handle.remove()
@@ -136,27 +137,17 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     total = sum_across([float(seen)], ctx, device)[0]
-    out: dict[int, dict[str, torch.Tensor]] = {}
+    if ctx.enabled:  # in the same order on every rank: sums, then moments
+        import torch.distributed as dist
+
+        for tensor in [t for stats in sums.values() for t in stats.values()] + \
+                [t for parts in moments.values() for t in parts]:
+            dist.all_reduce(tensor)
+    out = {gid: {stat: (value / max(total, 1.0)).float().cpu() for stat, value in stats.items()}
+           for gid, stats in sums.items()}
     for gid, (xx, x, n) in moments.items():
-        if ctx.enabled:
-            import torch.distributed as dist
-
-            for t in (xx, x, n):
-                dist.all_reduce(t)
-        sums[gid]["spectrum"] = _cumulative_spectrum(xx, x, float(n))
-    for gid, stats in sums.items():
-        out[gid] = {}
-        for stat, value in stats.items():
-            if stat == "spectrum":
-                out[gid][stat] = value.cpu()
-                continue
-            if ctx.enabled:
-                import torch.distributed as dist
-
-                dist.all_reduce(value)
-            out[gid][stat] = (value / max(total, 1.0)).float().cpu()
+        out[gid]["spectrum"] = _cumulative_spectrum(xx, x, float(n))
     return out
-
 
 def _cumulative_spectrum(xx: torch.Tensor, x: torch.Tensor, n: float) -> torch.Tensor:
     """Cumulative shares of the covariance's eigenvalues, largest first (float64; all ones for a constant signal)."""

@@ -188,7 +188,7 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     of real data from `loader`. top1_agreement is the share of arg-max positions (over dim 1: classes, or
     per pixel for a segmentation map) that agree, per output and for the first output overall. An output whose
     first dim is not the batch and differs between the runtimes (a detector's boxes above a threshold) is compared
-    on its common leading rows, and `partial` says so."""
+    with its neighbours of the same length as a set of rows (_compare_row_sets), and `partial` says so."""
     session = ort_session(path)
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]

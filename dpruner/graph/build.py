@@ -231,8 +231,7 @@ class Builder:
         dim (it sizes another dim, or the view was not understood) pins those channels."""
         from dpruner.graph.rules import _shape_args
 
-        if not (node.op == "call_method" and node.target in ("view", "reshape", "expand")
-                or node.op == "call_function" and node.target is torch.reshape):
+        if not _sizes_a_view(node):
             return
         for pos, arg in enumerate(_shape_args(node) or []):
             value = self.val(arg) if isinstance(arg, fx.Node) else None
@@ -241,8 +240,7 @@ class Builder:
 
     def _visit(self, gm: nn.Module, node: fx.Node):
         if node.target is not operator.getitem:  # a whole shape used anywhere but for indexing pins the channels
-            sizes_a_view = node.target in ("view", "reshape", "expand") if node.op == "call_method" else \
-                node.op == "call_function" and node.target is torch.reshape
+            sizes_a_view = _sizes_a_view(node)
             for value in _flatten([self.val(a) for a in node.args] + [self.val(v) for v in node.kwargs.values()]):
                 if isinstance(value, ShapeOf):
                     self.atoms.block(value.chan.atoms, f"{node.name}: uses the shape of a tensor, channel count included")
@@ -285,6 +283,13 @@ class Builder:
                 return self.unknown(node, f"method .{node.target}() has no pruning rule")
             return rule(self, node)
         return self.unknown(node, f"fx op {node.op}")
+
+
+def _sizes_a_view(node: fx.Node) -> bool:
+    """A view/reshape/expand call: its shape arguments may be channel counts (ChanCount) its rule couples."""
+    if node.op == "call_method":
+        return node.target in ("view", "reshape", "expand")
+    return node.op == "call_function" and node.target is torch.reshape
 
 
 def _get_attr(gm: nn.Module, target: str):

@@ -5,7 +5,6 @@ input, so it is an EngineError (exit 70) naming the graph node that failed and t
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -105,9 +104,7 @@ def locate_failure(model: nn.Module, example: torch.Tensor,
     from dpruner.graph.tracer import PruningTracer, owner_of
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = PruningTracer(tuple(leaf_modules)).trace(model)
+        graph = PruningTracer(tuple(leaf_modules)).trace_quietly(model)
         runner = _Locator(fx.GraphModule(model, graph))
         with torch.no_grad():
             runner.run(example)

@@ -699,8 +699,6 @@ def _split_attr(b, node, sizes: list[int]) -> tuple[str, str] | None:
 def _confirm(b, node, owner: str, module: nn.Module, attr: str, changed, what: tuple, probe) -> bool:
     """Trace `module` alone with `attr` set to `changed`: does `probe` hold for the call matching `node` (the
     same op, the same order among its own calls)? Memoised on the builder."""
-    import warnings
-
     from dpruner.graph.tracer import PruningTracer
 
     mine = [n for n in node.graph.nodes if n.op == node.op and n.target == node.target and owner_of(n) == owner]
@@ -710,9 +708,7 @@ def _confirm(b, node, owner: str, module: nn.Module, attr: str, changed, what: t
         old = getattr(module, attr)
         setattr(module, attr, changed)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = PruningTracer().trace(module)
+            graph = PruningTracer().trace_quietly(module)
         except Exception:  # noqa: BLE001 - a module that does not trace alone is simply not confirmed
             return False
         finally:
@@ -781,9 +777,10 @@ def unbind(b, node):
     metas = node.meta.get("tensor_meta")
     if metas is None or hasattr(metas, "shape"):
         return b.unknown(node, "unbind without shape information")
+    if isinstance(x, ParamRef):
+        return b.unknown(node, "unbind of a parameter")
     if not isinstance(x, Chan):
-        return tuple(x if not isinstance(x, ParamRef) else None for _ in metas) if not isinstance(x, ParamRef) \
-            else b.unknown(node, "unbind of a parameter")
+        return tuple(x for _ in metas)
     dim = _arg(node, 1, "dim", 0) % _ndim(b, arg)
     if dim == x.axis:
         return b.unknown(node, "unbind of the channel dim")

@@ -73,6 +73,12 @@ class PruningTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _CountedProxy(node, self)
 
+    def trace_quietly(self, root: nn.Module) -> fx.Graph:
+        """trace(root) without fx's warnings (they describe fx's internals, not the user's model)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.trace(root)
+
     def iter(self, obj):
         """Iterating a proxy (fx's hook when the code does more than unpack into names): allowed when the call
         that made it fixes how many tensors it returns (chunk(2), split([2, 6]))."""
@@ -132,7 +138,6 @@ class Trace:
     training: bool
     opaque: dict = field(default_factory=dict)  # qualified name -> where and why torch.fx could not trace it
     scope: str = ""  # the traced submodule when the model's own forward is untraceable ('' = the whole model)
-    inputs: tuple = ()  # that submodule's captured input tensors (the graph's placeholders, in order)
     split: frozenset = frozenset()  # modules fx could not follow whose blocks were traced one by one
 
 
@@ -280,9 +285,8 @@ def trace_model(model: nn.Module, example: torch.Tensor, *, leaf_modules: Iterab
             except RootUntraceable as exc:
                 if not _worth_splitting(model):
                     raise
-                opaque[""] = (f"{type(model).__name__}'s own forward is untraceable"
-                              f"{f' at {exc.where}' if exc.where else ''} ({exc.first}); its blocks are traced one "
-                              "by one and their inputs and outputs keep their channels")
+                opaque[""] = (_traced_inside(type(model).__name__, exc.where, exc.first)
+                              + " and their inputs and outputs keep their channels")
                 graphs, start = [], [""]
                 root_error = exc
             else:
@@ -302,7 +306,7 @@ def trace_model(model: nn.Module, example: torch.Tensor, *, leaf_modules: Iterab
             seen.append(signature)
             for scope, graph, inputs in graphs:
                 _propagate(model, graph, x, training, inputs)
-                traces.append(Trace(graph, model, training, dict(opaque), scope, inputs, frozenset(split)))
+                traces.append(Trace(graph, model, training, dict(opaque), scope, frozenset(split)))
         if not traces:
             raise UnsupportedError(f"{type(model).__name__} cannot run on the example input in any mode.")
     finally:
@@ -329,14 +333,12 @@ def _trace_with_fallback(model: nn.Module, leaf_modules, opaque: dict[str, str],
     """Trace `model`; when torch.fx fails inside a submodule (data-dependent control flow, say), make that block
     opaque (a leaf whose channels are left alone), record where fx stopped, and trace again. A failure in the
     root's own forward (or in a module named in `own`) raises RootUntraceable: then the caller traces the model's
-    blocks one by one (see _trace_submodules)."""
+    blocks one by one (see _trace_blocks)."""
     name = name or type(model).__name__
     for _ in range(MAX_OPAQUE + 1):
         tracer = PruningTracer(leaf_modules, opaque)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return tracer.trace(model)
+            return tracer.trace_quietly(model)
         except Exception as exc:
             culprit = tracer.failed_in
             where = _user_line(exc)
@@ -348,9 +350,7 @@ def _trace_with_fallback(model: nn.Module, leaf_modules, opaque: dict[str, str],
                     "traced separately; pass --leaf for the blocks that stop it, or prune a traceable submodule.",
                     where, _first_line(exc),
                 ) from exc
-            block = model.get_submodule(culprit)
-            opaque[culprit] = (f"{type(block).__name__} is opaque: torch.fx stopped"
-                               f"{f' at {where}' if where else ''} ({_first_line(exc)})")
+            opaque[culprit] = _kept_whole(type(model.get_submodule(culprit)).__name__, where, _first_line(exc))
     raise UnsupportedError(f"torch.fx cannot trace {name}: more than {MAX_OPAQUE} blocks fail.")
 
 
@@ -435,6 +435,16 @@ def _rescope(graph: fx.Graph, scope: str) -> None:
 SPLIT_NOTE = "; its blocks are traced one by one"
 
 
+def _kept_whole(kind: str, where: str, first: str) -> str:
+    """The reason recorded for a block fx stopped in and that is kept whole."""
+    return f"{kind} is opaque: torch.fx stopped{f' at {where}' if where else ''} ({first})"
+
+
+def _traced_inside(kind: str, where: str, first: str) -> str:
+    """The reason recorded for a module whose own forward stops fx while its blocks are traced one by one."""
+    return f"{kind}'s own forward is untraceable{f' at {where}' if where else ''} ({first}){SPLIT_NOTE}"
+
+
 def _worth_splitting(module: nn.Module) -> bool:
     """Whether tracing a module's children one by one can prune anything: some child must hold layers of its
     own (a lone layer traced alone keeps its inputs and outputs, so nothing in it could change)."""
@@ -442,7 +452,7 @@ def _worth_splitting(module: nn.Module) -> bool:
 
 
 def _split_reason(reason: str) -> str:
-    """An opaque block's reason, reworded once its own blocks are traced one by one."""
+    """A _kept_whole reason reworded as _traced_inside, once the block's own blocks are traced one by one."""
     if reason.endswith(SPLIT_NOTE):
         return reason
     return reason.replace(" is opaque: torch.fx stopped", "'s own forward is untraceable", 1) + SPLIT_NOTE
@@ -477,14 +487,12 @@ def _trace_blocks(model: nn.Module, x: torch.Tensor, leaf_modules, opaque: dict[
                 graph = _trace_with_fallback(wrapper, leaf_modules, local, training, own=("", "m"),
                                              name=f"{type(module).__name__} ({name})")
             except RootUntraceable as exc:
-                where = f" at {exc.where}" if exc.where else ""
                 if _worth_splitting(module):
                     frontier.append(name)
                     split.add(name)
-                    opaque[name] = (f"{type(module).__name__}'s own forward is untraceable{where} ({exc.first}); "
-                                    "its blocks are traced one by one")
+                    opaque[name] = _traced_inside(type(module).__name__, exc.where, exc.first)
                 else:
-                    opaque[name] = f"{type(module).__name__} is opaque: torch.fx stopped{where} ({exc.first})"
+                    opaque[name] = _kept_whole(type(module).__name__, exc.where, exc.first)
                 continue
             except Exception:  # fx's own limits (e.g. an argument pytree cannot flatten): leave the block whole
                 continue

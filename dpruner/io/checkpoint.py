@@ -70,14 +70,14 @@ def load_checkpoint(
     if isinstance(obj, torch.nn.Module):
         if arch is not None:
             raise InputError(f"'{path}' holds a whole model, so --arch is not needed; drop it.")
-        return LoadedModel(model=_float(obj).eval(), source_format="pickled-module")
+        return LoadedModel(model=_float(obj).eval(), source_format="pickled-module", meta=_dtype_meta(obj))
     if is_dpruner_checkpoint(obj):
         return load_dpruner_checkpoint(
             obj, path, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint, limits=limits
         )
     found = find_state_dict(obj, path)
     if isinstance(found, torch.nn.Module):  # e.g. {"model": <nn.Module>, "epoch": 3}, readable only when trusted
-        meta = {"dtype": str(next(found.parameters(), torch.empty(0)).dtype).removeprefix("torch.")}
+        meta = _dtype_meta(found)
         ours = obj.get("dpruner") if isinstance(obj, Mapping) else None  # what a pruned pickle recorded (save_pruned)
         shape = ours.get("input_shape") if isinstance(ours, Mapping) else None
         shape = tuple(shape) if isinstance(shape, (list, tuple)) and all(type(d) is int and d > 0 for d in shape) \
@@ -92,6 +92,13 @@ def load_checkpoint(
     model = build_model(arch, num_classes=num_classes)
     fit_state_dict(model, found, path=path, arch=arch, num_classes=num_classes)
     return LoadedModel(model=model.eval(), source_format="state_dict", arch=arch, num_classes=num_classes)
+
+
+def _dtype_meta(model) -> dict:
+    """{'dtype': name} of a pickled model's weights as stored (computed before _float), so it is written back so."""
+    import torch
+
+    return {"dtype": str(next(model.parameters(), torch.empty(0)).dtype).removeprefix("torch.")}
 
 
 def _float(model):

@@ -66,14 +66,16 @@ def make_checkpoint(
     }
 
 
-def save_pruned(path, model, loaded: "LoadedModel", *, inputs=(), input_shape=None, plan: list, meta: dict,
-                dtype=None) -> Path:
+def save_pruned(path, model, loaded: "LoadedModel", *, inputs=(), input_shape=None, plan: list,
+                meta: dict) -> Path:
     """Write a pruned model: dpruner's checkpoint when the architecture is known, else (a trusted pickle of a
     whole model) the same kind of pickle it came in, so the program that wrote it loads it back. In a dict
     (Ultralytics' {'model'|'ema': DetectionModel, 'optimizer': ..., ...}) every model of the same class is
     replaced by the pruned one, optimizer state (now of the wrong shapes) is dropped, and a 'dpruner' entry records
-    the plans and input shape."""
+    the plans and input shape. Weights go back in the half precision they came in (Ultralytics stores float16)."""
     import copy
+
+    import torch
 
     if loaded.arch is not None:
         return save_checkpoint(path, model, inputs=inputs, arch=loaded.arch, num_classes=loaded.num_classes,
@@ -81,8 +83,8 @@ def save_pruned(path, model, loaded: "LoadedModel", *, inputs=(), input_shape=No
     from dpruner.io.atomic import atomic_torch_save
 
     saved = copy.deepcopy(model)
-    if dtype is not None:
-        saved = saved.to(dtype)  # the precision the model came in (Ultralytics stores half)
+    if loaded.meta.get("dtype") in ("float16", "bfloat16"):
+        saved = saved.to(getattr(torch, loaded.meta["dtype"]))
     obj: Any = saved
     if isinstance(loaded.container, Mapping):
         obj = {}

@@ -73,13 +73,11 @@ def _onnx_for_batch(model: nn.Module, onnx_path: Path, input_shape: tuple[int, .
     """`onnx_path`, or a static-batch twin when that file cannot run at `batch` in ONNX Runtime (its batch is
     static, or the model's forward loops over the images, so the traced graph fixes the batch)."""
     import numpy as np
-    import onnxruntime as ort
 
     from dpruner.export.onnx import export_onnx
+    from dpruner.export.verify import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # a failure is expected here and handled: keep ONNX Runtime quiet
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path)  # quiet: a failure is expected here and handled
     try:
         session.run(None, {session.get_inputs()[0].name:
                            np.zeros((batch, *input_shape[1:]), dtype=np.float32)})

@@ -16,7 +16,6 @@ written before it existed have none.
 
 from __future__ import annotations
 
-import warnings
 from typing import Mapping
 
 import numpy as np
@@ -243,9 +242,7 @@ def _rewrite_pads(model: nn.Module, owner: str, sites: list[dict]) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     module = getattr(parent, child)
     tracer = PruningTracer()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = tracer.trace(module)
+    graph = tracer.trace_quietly(module)
     pads = [n for n in graph.nodes if n.op == "call_function" and n.target is F.pad and _owner_is_self(n)]
     for site in sites:
         if site["order"] >= len(pads):

@@ -47,24 +47,30 @@ def test_registry_declares_what_each_criterion_needs():
     assert all(c.summary for c in CRITERIA.values())
 
 
-def test_a_channel_the_loss_does_not_see_has_zero_taylor_importance():
+def _first_group_scores(criterion: str, silence) -> torch.Tensor:
+    """Scores of the first group's four channels after `silence(model)` zeroed something in a fresh Net."""
     torch.manual_seed(0)
     model = Net().eval()
     with torch.no_grad():
-        model.conv2.weight[:, 2] = 0  # channel 2 reaches nothing downstream: dL/dz is zero there
+        silence(model)
     graph, index = analyze_groups(model, torch.randn(1, 3, 6, 6))
-    scores = score_groups(model, graph, index, "taylor", data=_data())[_first_group(index).id]
+    return score_groups(model, graph, index, criterion, data=_data())[_first_group(index).id]
+
+
+def test_a_channel_the_loss_does_not_see_has_zero_taylor_importance():
+    def cut(model):
+        model.conv2.weight[:, 2] = 0  # channel 2 reaches nothing downstream: dL/dz is zero there
+
+    scores = _first_group_scores("taylor", cut)
     assert scores[2] == 0 and (scores[[0, 1, 3]] > 0).all()
 
 
 def test_a_dead_channel_has_zero_mean_activation():
-    torch.manual_seed(0)
-    model = Net().eval()
-    with torch.no_grad():
+    def kill(model):
         model.bn.weight[1] = 0
         model.bn.bias[1] = 0  # the BN output of channel 1 is exactly zero
-    graph, index = analyze_groups(model, torch.randn(1, 3, 6, 6))
-    scores = score_groups(model, graph, index, "activation", data=_data())[_first_group(index).id]
+
+    scores = _first_group_scores("activation", kill)
     assert scores[1] == 0 and (scores[[0, 2, 3]] > 0).all()
 
 
@@ -80,7 +86,6 @@ def test_taylor_matches_its_definition_on_one_batch():
     z = z_store["z"]
     grad, = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), z)
     expected = ((z * grad).sum((2, 3)) ** 2).mean(0).detach()
-    model = Net().eval()
     torch.manual_seed(1)
     model = Net().eval()
     graph, index = analyze_groups(model, x[:1])
