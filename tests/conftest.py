@@ -66,3 +66,10 @@ try:
     settings.load_profile("ci")
 except ImportError:  # hypothesis is in the test extra; without it the property tests skip
     pass
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own dpruner cache folder (sensitivity scans): nothing is read from or written to the
+    user's ~/.cache, and no test sees another's results."""
+    monkeypatch.setenv("DPRUNER_CACHE_DIR", str(tmp_path_factory.mktemp("dpruner-cache")))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich import box
@@ -29,13 +30,34 @@ def analyze(
     batch_size: t.BatchSizeOpt = 128,
     mean: t.MeanOpt = None,
     std: t.StdOpt = None,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="With --data: prune each coupled channel group alone at 10..90% (no fine-tuning) and score top-1 and loss on held-out batches; one row per group. Cached by model hash, so `prune --allocation sensitivity` with the same data options reuses it.")] = False,
+    method: Annotated[str, typer.Option("--method", help="--sensitivity: the criterion that picks which channels each cut removes (match the prune command's --method to share the cache).")] = "l2",
+    sensitivity_batches: t.SensitivityBatchesOpt = 8,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="--sensitivity: also draw the curves into this PNG file (needs matplotlib).")] = None,
+    val_from: t.ValFromOpt = "train",
+    val_fraction: t.ValFractionOpt = 0.1,
+    seed: t.SeedOpt = 0,
 ) -> None:
     """Analyse MODEL and print a table (or JSON) with one row per Conv/ConvTranspose/Linear/BatchNorm layer."""
     from dpruner.analysis import analyze as run_analysis
+    from dpruner.errors import InputError
     from dpruner.io import load_checkpoint
     from dpruner.io.shapes import resolve_input_shape
 
     err = stderr_console()
+    if (sensitivity or plot is not None) and data is None:
+        raise InputError("--sensitivity measures accuracy on held-out data; give --data.")
+    if plot is not None and not sensitivity:
+        raise InputError("--plot draws the sensitivity curves; add --sensitivity.")
+    if plot is not None:
+        from dpruner.io.atomic import check_not_input, check_output_path
+
+        check_output_path(plot)
+        check_not_input(plot, [model])
+    if sensitivity:
+        from dpruner.criteria import get_criterion
+
+        get_criterion(method)  # a typo fails before any work
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     from dpruner.validate import finite_weights
 
@@ -45,17 +67,40 @@ def analyze(
     if origin.endswith(" default"):
         err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} ({origin}; set --input-shape)[/dim]")
     source = {"path": str(model), "format": loaded.source_format, "arch": loaded.arch}
-    loader = None
+    loader = bundle = None
     if data is not None:  # the widths PCA would keep per group, from the activations on 10 training batches
         from dpruner.train.distributed import DistContext
 
-        loader = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=0, val_fraction=0.1, seed=0,
-                               download=False, ctx=DistContext(), mean=mean, std=std, augment=False).train
+        bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=0, val_fraction=val_fraction,
+                               seed=seed, download=False, ctx=DistContext(), mean=mean, std=std, augment=False,
+                               val_from=val_from)
+        loader = bundle.train
     result = run_analysis(loaded.model, shape, full=full, source=source, data=loader)
+    document = result.to_json()
+    scan = None
+    if sensitivity:
+        import torch
+
+        from dpruner.methods.sensitivity import measure_sensitivity, plot_curves
+
+        def progress(done: int, total: int) -> None:
+            if not json_output and (done == total or done % 25 == 0):
+                err.print(f"[dim]sensitivity: {done}/{total} pruned copies scored[/dim]")
+
+        scan = measure_sensitivity(
+            loaded.model, torch.randn(*shape), bundle.val, criterion=method, batches=sensitivity_batches, seed=seed,
+            score_data=bundle.train, progress=progress,
+            data_key=t.data_key(data, val_from=val_from, val_fraction=val_fraction, seed=seed,
+                                batch_size=batch_size, mean=mean, std=std))
+        document["sensitivity"] = scan.to_json()
+        if plot is not None:
+            plot_curves(scan, plot, inputs=[model])
     if json_output:
-        emit_json(result.to_json())
+        emit_json(document)
     else:
         render(result)
+        if scan is not None:
+            render_sensitivity(scan, plot)
 
 
 def _norms(red: dict) -> tuple[str, str]:
@@ -157,3 +202,22 @@ def render(result) -> None:
     if result.uncounted_ops:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(result.uncounted_ops.items()))
         out.print(f"[dim]Ops fvcore counts no MACs for: {ops}.[/dim]")
+
+
+def render_sensitivity(scan, plot) -> None:
+    """One row per channel group: top-1 on the held-out batches after removing each share of its channels."""
+    out = stdout_console()
+    table = Table(title=f"Sensitivity per channel group ({scan.criterion}; top-1 on {scan.samples} held-out "
+                        f"samples, unpruned {100 * scan.base_accuracy:.1f}%)", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("group")
+    table.add_column("layers", justify="right")
+    table.add_column("channels", justify="right")
+    for level in scan.levels:
+        table.add_column(f"{100 * level:.0f}%", justify="right")
+    for g in scan.groups:
+        name = g.layers[0] + (f" +{len(g.layers) - 1}" if len(g.layers) > 1 else "")
+        table.add_row(name, str(len(g.layers)), str(g.channels), *[f"{100 * a:.1f}" for a in g.accuracy])
+    out.print(table)
+    how = "read from the cache" if scan.cached else f"measured in {scan.seconds:.0f} s and cached"
+    out.print(f"Sensitivity {how}; `dpruner prune --allocation sensitivity --method {scan.criterion}` with the same "
+              "data options reuses it." + (f" Curves drawn to {plot}." if plot else ""))

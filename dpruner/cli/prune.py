@@ -49,7 +49,8 @@ def prune(
     quiet: t.QuietOpt = False,
     target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs or params.")] = "macs",
     method: Annotated[Optional[str], typer.Option("--method", help="Channel criterion: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches, and pca-gm (PCA widths + geometric-median survivors, seed 001) (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
-    allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group), global (one threshold over normalised scores), or pca (with --data: each group keeps the width whose principal components explain the needed share of its activations' variance; seed 001).")] = "uniform",
+    allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group), global (one threshold over normalised scores), pca (with --data: each group keeps the width whose principal components explain the needed share of its activations' variance; seed 001), or sensitivity (with --data: each group's cut chosen from its measured sensitivity curve for the least predicted loss at the target; see analyze --sensitivity).")] = "uniform",
+    sensitivity_batches: t.SensitivityBatchesOpt = 8,
     pca_energy: Annotated[Optional[float], typer.Option("--pca-energy", help="With --allocation pca or --method pca-gm instead of --ratio: the share of each group's activation variance its kept width must explain, e.g. 0.99.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Protect layers whose name matches this glob (repeatable), e.g. 'features.0*'.")] = None,
     round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep each group's channel count a multiple of this (e.g. 8).")] = 1,
@@ -105,7 +106,9 @@ def prune(
         else:
             one_shot = dict(ratio=ratio_value, sparsity=sparsity, target=target, method=method, allocation=allocation,
                             exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
-                            pca_energy=pca_energy)
+                            pca_energy=pca_energy, sensitivity_batches=sensitivity_batches,
+                            data_key=t.data_key(data, val_from=val_from, val_fraction=val_fraction, seed=seed,
+                                                batch_size=batch_size, mean=mean, std=std))
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     from dpruner.validate import finite_weights
 
@@ -195,7 +198,8 @@ def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, tra
         requested = {"tolerance": controller.tolerance, "max_ratio": controller.max_ratio}
     else:
         teacher = copy.deepcopy(original).to(dev).eval() if distill else None
-        pruned_once = run_prune(copy.deepcopy(original), example, leaf_modules=leaves, data=bundle.train, **one_shot)
+        pruned_once = run_prune(copy.deepcopy(original), example, leaf_modules=leaves, data=bundle.train,
+                                val_data=bundle.val, ctx=ctx, **one_shot)
         pruned, plans, met = pruned_once.model, [pruned_once.plan], pruned_once.target_met
         used = fit(pruned.to(dev), bundle, train, device=dev, ctx=ctx, teacher=teacher,
                    description="fine-tune").epochs

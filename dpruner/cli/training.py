@@ -81,3 +81,13 @@ def load_bundle(spec: str | None, *, input_shape, batch_size: int, workers: int,
 
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def data_key(spec: str | None, *, val_from: str, val_fraction: float, seed: int, batch_size: int,
+             mean: str | None, std: str | None) -> str:
+    """Names the held-out batches a sensitivity scan reads, for its cache: `analyze --sensitivity` and
+    `prune --allocation sensitivity` with the same data options share one cached result."""
+    return f"{spec}|val_from={val_from}|val_fraction={val_fraction}|seed={seed}|batch={batch_size}|mean={mean}|std={std}"
+
+
+SensitivityBatchesOpt = Annotated[int, typer.Option("--sensitivity-batches", min=1, help="Sensitivity scan: validation batches each pruned copy is scored on (the same batches for every group and level).")]

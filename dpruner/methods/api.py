@@ -46,6 +46,7 @@ class PruneResult:
     unprunable: list[dict] = field(default_factory=list)
     prunable_macs_share: float | None = None  # share of the original MACs in layers a prunable group touches
     opaque: list[dict] = field(default_factory=list)  # modules torch.fx could not follow (see opaque_summary)
+    sensitivity: dict | None = None  # allocation 'sensitivity': key, samples, seconds, whether it came from the cache
 
     def to_json(self) -> dict:
         return {
@@ -53,6 +54,7 @@ class PruneResult:
             "requested": self.requested, "target_met": self.target_met, "method": self.method,
             "allocation": self.allocation, "prunable_macs_share": self.prunable_macs_share, "opaque": self.opaque,
             "groups": self.groups, "unprunable": self.unprunable,
+            **({"sensitivity": self.sensitivity} if self.sensitivity is not None else {}),
         }
 
 
@@ -96,14 +98,24 @@ def prune(
     data=None,
     score_batches: int = 10,
     pca_energy: float | None = None,
+    val_data=None,
+    sensitivity=None,
+    sensitivity_batches: int = 8,
+    data_key: str = "",
+    ctx=None,
 ) -> PruneResult:
     """Prune `model` in place so that `target` shrinks by `ratio` (e.g. 2.0: at most half the MACs), or remove
     `sparsity` (a fraction) of every group's channels. Channels are ranked by `method` (see dpruner.criteria).
     The final classifier's outputs and the network input are never pruned; `exclude` protects layers by fnmatch
     pattern. Criteria that score on data (taylor, activation) read `score_batches` batches of `data` (an iterable
-    of (inputs, labels), e.g. a training loader). Returns a PruneResult with the plan (plain data) and measured
+    of (inputs, labels), e.g. a training loader). `allocation='sensitivity'` spreads the cut by per-group
+    sensitivity curves: `sensitivity` (a methods.sensitivity.Sensitivity) or, when absent, measured (and cached
+    under `data_key`) on `sensitivity_batches` batches of `val_data`, held-out data. Under torchrun pass `ctx`
+    (train.distributed.DistContext): data statistics are then summed over ranks, so every rank makes the same
+    plan. Returns a PruneResult with the plan (plain data) and measured
     before/after params and MACs."""
     requested_method = method
+    exclude, leaf_modules = tuple(exclude), tuple(leaf_modules)
     if method == "pca-gm":  # seed 001: widths from PCA of the activations, survivors by geometric median
         method, allocation = "fpgm", "pca"
     if pca_energy is not None:
@@ -117,6 +129,10 @@ def prune(
     if allocation == "pca" and sparsity is not None:
         raise InputError("--allocation pca sets each group's width from its activations; give --ratio or "
                          "--pca-energy, not --sparsity.")
+    if allocation == "sensitivity" and sparsity is not None:
+        raise InputError("--allocation sensitivity spreads a target over the groups; give --ratio, not --sparsity.")
+    if allocation == "sensitivity" and sensitivity is None and val_data is None:
+        raise InputError("--allocation sensitivity measures each group's sensitivity on held-out data; give --data.")
     if allocation == "pca" and data is None:
         raise InputError("--allocation pca (and --method pca-gm) measures activations on data; give --data.")
     if ratio is not None and not (ratio > 1 and math.isfinite(ratio)):
@@ -141,14 +157,27 @@ def prune(
         expected = expected_outputs(model, example_input, graph.scopes)
         if not any(g.prunable for g in index.groups):
             raise nothing_prunable(index)
-        scores = score_groups(model, graph, index, method, seed, data=data, score_batches=score_batches)
+        scores = score_groups(model, graph, index, method, seed, data=data, score_batches=score_batches, ctx=ctx)
         if alloc.kind == "pca":
             from dataclasses import replace
 
             from dpruner.criteria.stats import collect_stats
 
-            stats = collect_stats(model, graph, index, data, needs=["spectrum"], batches=score_batches)
+            stats = collect_stats(model, graph, index, data, needs=["spectrum"], batches=score_batches, ctx=ctx)
             alloc = replace(alloc, spectra={gid: s["spectrum"].numpy() for gid, s in stats.items() if s})
+        cost = build_cost_model(model, graph, index, base_macs.by_module, base_macs.total)
+        if alloc.kind == "sensitivity":
+            from dataclasses import replace
+
+            from dpruner.methods.sensitivity import group_savings, measure_sensitivity
+
+            if sensitivity is None:
+                sensitivity = measure_sensitivity(model, example_input, val_data, criterion=method,
+                                                  batches=sensitivity_batches, exclude=exclude,
+                                                  leaf_modules=leaf_modules, seed=seed, score_data=data,
+                                                  score_batches=score_batches, data_key=data_key, ctx=ctx)
+            alloc = replace(alloc, curves=sensitivity.curves(),
+                            savings=group_savings(index, cost, 0 if target == "macs" else 1))
 
         def sizes_of(plan: dict) -> dict:
             """Params and MACs of the model `plan` makes, after the engine's check that it still runs."""
@@ -165,7 +194,6 @@ def prune(
             after = sizes_of(plan)
             met = True
         else:
-            cost = build_cost_model(model, graph, index, base_macs.by_module, base_macs.total)
             plan, after, met = _search_ratio(graph, index, scores, alloc, cost, target, before[target] / ratio,
                                              sizes_of)
         apply_plan(model, plan)
@@ -187,6 +215,9 @@ def prune(
                     for g in index.groups if not g.prunable and g.has_producer],
         prunable_macs_share=prunable_macs_share(index, base_macs.by_module, base_macs.total),
         opaque=opaque_summary(graph),
+        sensitivity=None if sensitivity is None else {
+            "key": sensitivity.key, "samples": sensitivity.samples, "seconds": sensitivity.seconds,
+            "cached": sensitivity.cached, "criterion": sensitivity.criterion},
     )
 
 

@@ -8,8 +8,10 @@ ALLOCATION_SUMMARIES = {
     "global": "one threshold on scores normalised per group, across all groups",
     "pca": "each group keeps the width whose principal components explain a share of its activations' variance "
            "(--pca-energy, or searched for --ratio); seed 001",
+    "sensitivity": "each group's cut read from its measured sensitivity curve (the group pruned alone at 10..90%), "
+                   "for the least summed predicted loss increase at the target; cached (analyze --sensitivity)",
 }
-ALLOCATION_NEEDS = {"pca": ["data"]}
+ALLOCATION_NEEDS = {"pca": ["data"], "sensitivity": ["data"]}
 
 METHODS = [
     {"name": "one-shot", "how": "--ratio / --sparsity, no --data",

@@ -12,7 +12,7 @@ from dpruner.errors import InputError
 from dpruner.graph.groups import ChannelIndex
 from dpruner.methods.cost import CostModel
 
-ALLOCATIONS = ("uniform", "global", "pca")
+ALLOCATIONS = ("uniform", "global", "pca", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -20,13 +20,17 @@ class Allocation:
     """How channels are spread over groups: 'uniform' (the same fraction of every group), 'global' (one threshold
     over scores normalised by each group's mean) or 'pca' (seed 001: each group keeps the smallest width whose
     principal components explain a share of its output activations' variance; `spectra` holds each group's
-    cumulative explained-variance shares, from criteria.stats). `max_fraction` caps any group's loss; `round_to`
-    rounds each group's kept count up to a multiple (hardware-friendly widths)."""
+    cumulative explained-variance shares, from criteria.stats) or 'sensitivity' (each group takes the cut that
+    minimises its predicted loss increase minus lambda times what the cut saves; lambda is searched for the target;
+    `curves` and `savings` from methods/sensitivity.py). `max_fraction` caps any group's loss; `round_to` rounds each
+    group's kept count up to a multiple (hardware-friendly widths)."""
 
     kind: str = "uniform"
     max_fraction: float = 0.9
     round_to: int = 1
     spectra: dict | None = None  # 'pca': group id -> cumulative explained-variance shares (ascending to 1)
+    curves: dict | None = None  # 'sensitivity': group id -> (removed fractions from 0, predicted loss increase)
+    savings: dict | None = None  # 'sensitivity': group id -> share of the target saved by removing the whole group
 
     def __post_init__(self):
         if self.kind not in ALLOCATIONS:
@@ -73,6 +77,8 @@ def select(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation
         elif alloc.kind == "pca":
             n_remove = n - pca_width(alloc.spectra[group.id], 1.0 - level) if alloc.spectra and \
                 group.id in alloc.spectra else 0
+        elif alloc.kind == "sensitivity":
+            n_remove = _sensitivity_cut(n, alloc, group.id, level)
         else:
             n_remove = int((normalized(s) < level).sum())
         kept = _kept_count(n, n_remove, alloc)
@@ -82,6 +88,19 @@ def select(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation
     return removed
 
 
+def _sensitivity_cut(n: int, alloc: Allocation, group: int, level: float) -> int:
+    """Channels a group loses at multiplier lambda = level / (1 - level): the measured cut f minimising
+    increase(f) - lambda * f * saving (a Lagrangian relaxation of "least summed predicted loss increase for the
+    target"; ties go to the smaller cut). A group without a curve keeps everything."""
+    if not alloc.curves or group not in alloc.curves:
+        return 0
+    fractions, increase = alloc.curves[group]
+    lam = level / max(1.0 - level, 1e-12)
+    objective = np.asarray(increase) - lam * np.asarray(fractions) * (alloc.savings or {}).get(group, 0.0)
+    best = int(np.flatnonzero(objective <= objective.min() + 1e-12)[0])
+    return int(round(fractions[best] * n))
+
+
 def search(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation, cost: CostModel, *,
            target: str, goal: float, iterations: int = 40) -> tuple[np.ndarray, float]:
     """Smallest pruning level whose estimated `target` ('macs' or 'params') is at most `goal` (bisection).
@@ -89,6 +108,8 @@ def search(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation
     which = 0 if target == "macs" else 1
     if alloc.kind in ("uniform", "pca"):  # pca: level = 1 - the explained-variance share kept
         lo, hi = 0.0, 1.0
+    elif alloc.kind == "sensitivity":  # level maps to the multiplier lambda = level / (1 - level)
+        lo, hi = 0.0, 1.0 - 1e-9
     else:
         top = max((float(np.max(normalized(s))) for s in scores.values()), default=1.0)
         lo, hi = 0.0, top + 1e-6

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The methods benchmark of docs/benchmarks.md ("Pruning methods side by side"), restartable: every finished row is
+# a JSON line under bench/results/methods/ and is skipped when the script runs again.
+#   bash bench/setup.sh && bash bench/methods.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv-bench/bin/python}
+# one-shot table (ResNet-20 and ResNet-56, no fine-tuning)
+$PY bench/methods.py
+# fine-tuned table (ResNet-56, the same budget for every row), most important rows first
+$PY bench/methods_finetune.py --seeds 0 --rows dense random l1 "taylor + sensitivity" "tp magnitude" "tp taylor" \
+  taylor "l1 + sensitivity" fpgm activation pca-gm "tolerance 1% l1" "tolerance 1% taylor"
+# a second seed for the three rows the comparison rests on
+$PY bench/methods_finetune.py --seeds 1 --rows "taylor + sensitivity" "tp taylor" l1

@@ -1,0 +1,216 @@
+"""Pruning methods side by side on the pretrained CIFAR ResNet-56 with the same fine-tuning budget: dpruner's
+criteria and allocations, its `--tolerance` controller, and Torch-Pruning 1.6.1's magnitude and Taylor importances,
+all in one run of one script.
+
+Protocol (every row): `--val-from test` (the test split halved by seed; decisions on the "val" half, the "test"
+half reported), the original training's ImageNet normalisation, 2x MACs (tolerance rows stop where the controller
+stops), BatchNorm recalibrated on 50 training batches right after pruning (the "pruned" column), then the same
+fine-tuning budget for every row: `--budget-epochs` epochs over a fixed, seeded subset of `--train-subset` training
+images (dpruner's loop: SGD Nesterov, cosine, label smoothing 0.1, distillation from the unpruned model, batch
+128). Data criteria score on 10 training batches; sensitivity scans read 8 validation batches.
+
+Restartable: each finished (row, seed) is one JSON line in bench/results/methods/finetune.jsonl, skipped next time.
+
+    .venv-bench/bin/python bench/methods_finetune.py [--rows ...] [--seeds 0 1] [--table]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DPRUNER_SHARED_DATA", ROOT.parent / "shared" / "data"))
+OUT = ROOT / "bench" / "results" / "methods" / "finetune.jsonl"
+CHECKPOINT = "resnet56-4bfd9763.th"
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# row -> how it prunes: ("dense",), ("dpruner", prune kwargs), ("tolerance", criterion), ("tp", importance)
+ROWS = {
+    "dense": ("dense", None),
+    "random": ("dpruner", {"method": "random"}),
+    "l1": ("dpruner", {"method": "l1"}),
+    "fpgm": ("dpruner", {"method": "fpgm"}),
+    "taylor": ("dpruner", {"method": "taylor"}),
+    "activation": ("dpruner", {"method": "activation"}),
+    "pca-gm": ("dpruner", {"method": "pca-gm"}),
+    "l1 + sensitivity": ("dpruner", {"method": "l1", "allocation": "sensitivity"}),
+    "taylor + sensitivity": ("dpruner", {"method": "taylor", "allocation": "sensitivity"}),
+    "tp magnitude": ("tp", "magnitude"),
+    "tp taylor": ("tp", "taylor"),
+    "tolerance 1% l1": ("tolerance", "l1"),
+    "tolerance 1% taylor": ("tolerance", "taylor"),
+}
+
+
+def done(path: Path) -> set[tuple]:
+    if not path.is_file():
+        return set()
+    return {(r["row"], r["seed"]) for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def subset_bundle(bundle, size: int, seed: int):
+    """The same bundle with its training loader reading a fixed, seeded subset of `size` training images."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    dataset = bundle.train.dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1000 + seed))[:size].tolist()
+    loader = DataLoader(Subset(dataset, order), batch_size=bundle.train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed), num_workers=0, drop_last=True)
+    return dataclasses.replace(bundle, train=loader)
+
+
+def tp_prune(model, example, kind: str, batches, goal_ratio: float = 2.0):
+    """Torch-Pruning at `goal_ratio` MACs (bisection over its uniform pruning ratio). Its result runs only with the
+    residual stream ignored (option-A F.pad shortcuts), so stem, every block's conv2 and the classifier are
+    ignored layers: it prunes the blocks' inner channels. Taylor: GroupTaylorImportance on the gradients of
+    `batches` (cross-entropy, accumulated), computed once on the original and given to each candidate copy."""
+    import torch.nn.functional as F
+    import torch_pruning as tp
+
+    from dpruner.metrics import count_macs
+
+    grads = {}
+    if kind == "taylor":
+        probe = copy.deepcopy(model).eval()
+        for x, y in batches:
+            F.cross_entropy(probe(x), y).backward()
+        grads = {name: p.grad.clone() for name, p in probe.named_parameters() if p.grad is not None}
+
+    def prune_copy(fraction: float):
+        m = copy.deepcopy(model)
+        ignored = [m.linear, m.conv1] + [b.conv2 for stage in (m.layer1, m.layer2, m.layer3) for b in stage]
+        imp = tp.importance.MagnitudeImportance(p=2) if kind == "magnitude" else tp.importance.GroupTaylorImportance()
+        pruner = tp.pruner.MetaPruner(m, example, importance=imp, pruning_ratio=fraction, ignored_layers=ignored)
+        for name, p in m.named_parameters():
+            if name in grads:
+                p.grad = grads[name].clone()
+        pruner.step()
+        m.zero_grad(set_to_none=True)
+        return m
+
+    base = count_macs(model, example).total
+    lo, hi = 0.0, 0.95
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        ratio = base / count_macs(prune_copy(mid), example).total
+        lo, hi = (lo, mid) if ratio >= goal_ratio else (mid, hi)
+    return prune_copy(hi), {"fraction": hi, "torch_pruning": tp.__version__}
+
+
+def run_row(row: str, seed: int, args) -> dict:
+    import torch
+
+    import dpruner
+    from dpruner.data.loaders import load_data
+    from dpruner.metrics import count_macs, count_params
+    from dpruner.train.config import TrainConfig
+    from dpruner.train.evaluate import evaluate, recalibrate_bn
+    from dpruner.train.loop import fit
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    spec = f"imagefolder:{SHARED / 'cifar10-jpeg'}"
+    full = load_data(spec, batch_size=128, seed=seed, val_from="test", mean=IMAGENET[0], std=IMAGENET[1])
+    data = subset_bundle(full, args.train_subset, seed)
+    original = dpruner.load_model(SHARED / "cifar-resnet" / CHECKPOINT, arch="dpruner.zoo:resnet56").eval()
+    example = torch.randn(1, 3, 32, 32)
+    kind, spec_row = ROWS[row]
+    config = TrainConfig(epochs=args.budget_epochs, seed=seed, quiet=True)
+    extra: dict = {}
+    start = time.perf_counter()
+    fine_tune_s = None
+    if kind == "tolerance":
+        from dpruner.methods.tolerance import ToleranceConfig, prune_to_tolerance
+
+        controller = ToleranceConfig(tolerance=0.01, budget_epochs=args.budget_epochs,
+                                     step_epochs=args.budget_epochs / 10, method=spec_row)
+        result = prune_to_tolerance(original, example, data, controller, config)
+        model = result.model
+        extra = {"steps": len(result.history), "met": result.met, "epochs_used": result.epochs_used}
+        prune_s = time.perf_counter() - start
+        pruned_acc = None  # the controller interleaves pruning and fine-tuning
+    else:
+        model = copy.deepcopy(original)
+        if kind == "dpruner":
+            result = dpruner.prune(model, example, ratio=2.0, seed=seed, data=data.train, val_data=data.val,
+                                   data_key=f"bench|{spec}|seed={seed}|subset={args.train_subset}", **spec_row)
+            extra = {"target_met": result.target_met, **({"sensitivity": result.sensitivity}
+                                                         if result.sensitivity else {})}
+        elif kind == "tp":
+            batches = [b for _, b in zip(range(10), data.train)]
+            model, extra = tp_prune(model, example, spec_row, batches)
+        prune_s = time.perf_counter() - start
+        recalibrate_bn(model, data.train, batches=50)
+        pruned_acc = {"val": evaluate(model, data.val).accuracy, "test": evaluate(model, data.test).accuracy}
+        began = time.perf_counter()
+        fit(model, data, config, teacher=copy.deepcopy(original).eval(), description="fine-tune")
+        fine_tune_s = time.perf_counter() - began
+    macs0, params0 = count_macs(original, example).total, count_params(original)
+    return {
+        "row": row, "seed": seed, "ratio": {"macs": macs0 / count_macs(model, example).total,
+                                            "params": params0 / count_params(model)},
+        "pruned": pruned_acc, "val": evaluate(model, data.val).accuracy, "test": evaluate(model, data.test).accuracy,
+        "prune_s": round(prune_s, 1), "fine_tune_s": None if fine_tune_s is None else round(fine_tune_s, 1),
+        "wall_s": round(time.perf_counter() - start, 1), "budget_epochs": args.budget_epochs,
+        "train_subset": args.train_subset, **extra,
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "torch": torch.__version__, "dpruner": dpruner.__version__,
+    }
+
+
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    lines = ["| row | MACs x | params x | test after pruning (BN recal.) | test after fine-tuning | val after "
+             "fine-tuning | wall time (prune + fine-tune) |", "|---|---|---|---|---|---|---|"]
+    for name in ROWS:
+        found = sorted((r for r in rows if r["row"] == name), key=lambda r: r["seed"])
+        if not found:
+            continue
+
+        def cell(values):
+            return " / ".join("-" if v is None else f"{100 * v:.1f}" for v in values)
+
+        lines.append(f"| {name} | {found[0]['ratio']['macs']:.2f} | {found[0]['ratio']['params']:.2f} | "
+                     f"{cell([r['pruned']['test'] if r['pruned'] else None for r in found])} | "
+                     f"{cell([r['test'] for r in found])} | {cell([r['val'] for r in found])} | "
+                     + " / ".join(f"{r['wall_s'] / 60:.1f} min" for r in found) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--budget-epochs", type=float, default=1.0)
+    parser.add_argument("--train-subset", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table", action="store_true", help="only print the Markdown table of finished rows")
+    args = parser.parse_args()
+    if not args.table:
+        if not (SHARED / "cifar10-jpeg").is_dir():
+            raise SystemExit(f"no data at {SHARED}: set DPRUNER_SHARED_DATA")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        finished = done(args.out)
+        for seed in args.seeds:
+            for row in args.rows:
+                if (row, seed) in finished:
+                    continue
+                record = run_row(row, seed, args)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"{row:<22} seed {seed}: {record['ratio']['macs']:.2f}x MACs, test {record['test']:.2%} "
+                      f"(pruned {record['pruned']['test'] if record['pruned'] else float('nan'):.2%}), "
+                      f"{record['wall_s']:.0f} s", flush=True)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
