@@ -18,7 +18,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpruner.errors import InputError
@@ -146,23 +145,13 @@ def _take_batches(loader: Iterable, batches: int) -> list[tuple[torch.Tensor, to
     return out
 
 
-@torch.no_grad()
 def _score(model: nn.Module, batches, device, ctx) -> tuple[float, float, int]:
     """(top-1, mean cross-entropy, samples) on the fixed batches, summed over ranks under torchrun."""
-    from dpruner.train.distributed import sum_across
+    from dpruner.train.distributed import DistContext
+    from dpruner.train.evaluate import evaluate
 
-    model.eval()
-    correct = total = 0
-    loss = 0.0
-    for x, y in batches:
-        logits = model(x.to(device))
-        y = y.to(device)
-        loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        total += int(y.numel())
-    if ctx is not None:
-        correct, total, loss = sum_across([correct, total, loss], ctx, torch.device(device))
-    return correct / max(total, 1), loss / max(total, 1), int(total)
+    result = evaluate(model, batches, device, ctx=ctx or DistContext())
+    return result.accuracy, result.loss, result.samples
 
 
 def measure_sensitivity(model: nn.Module, example_input: torch.Tensor, data: Iterable, *, criterion: str = "l2",
