@@ -8,7 +8,7 @@ from dpruner.cli.errors import handle_errors
 from dpruner.cli.options import JsonOpt
 from dpruner.cli.output import emit_json, stdout_console
 
-HELP = "List the pruning methods, channel criteria (--method) and allocations (--allocation), with what each needs."
+HELP = "List the pruning methods (--method), channel criteria (--criterion) and allocations (--allocation), with what each needs."
 SCHEMA_VERSION = 1
 
 
@@ -22,7 +22,7 @@ def methods(json_output: JsonOpt = False) -> None:
         emit_json(doc)
         return
     out = stdout_console()
-    for title, key, column in (("Methods", "methods", "how"), ("Criteria (--method)", "criteria", None),
+    for title, key, column in (("Methods (--method)", "methods", "how"), ("Criteria (--criterion)", "criteria", None),
                                ("Allocations (--allocation)", "allocations", None)):
         table = Table(title=title, title_justify="left")
         table.add_column("name")

@@ -15,7 +15,7 @@ from dpruner.cli.output import emit_json, human, print_error, stderr_console, st
 
 HELP = ("Remove whole filters/channels to reach a MACs or params ratio (--ratio 2x), a sparsity, or the smallest model "
         "within an accuracy tolerance (--tolerance 1% --data ...); writes a dense smaller model.")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: "method" names the algorithm, "criterion" the score (1: "method" was the criterion)
 
 
 @handle_errors
@@ -48,7 +48,8 @@ def prune(
     download: t.DownloadOpt = False,
     quiet: t.QuietOpt = False,
     target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs or params.")] = "macs",
-    method: Annotated[Optional[str], typer.Option("--method", help="Channel criterion: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches, and pca-gm (PCA widths + geometric-median survivors, seed 001) (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Pruning method (the algorithm; `dpruner methods` lists them): one-shot (default; fine-tuned after the cut when --data is given), tolerance (default with --tolerance: Play-and-Prune), pca-gm (with --data: PCA widths + geometric-median survivors, seed 001). A criterion name here (--method l1) still works and means --criterion l1.")] = None,
+    criterion: Annotated[Optional[str], typer.Option("--criterion", help="What ranks channels: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group), global (one threshold over normalised scores), pca (with --data: each group keeps the width whose principal components explain the needed share of its activations' variance; seed 001), or sensitivity (with --data: each group's cut chosen from its measured sensitivity curve for the least predicted loss at the target; see analyze --sensitivity).")] = "uniform",
     sensitivity_batches: t.SensitivityBatchesOpt = 8,
     pca_energy: Annotated[Optional[float], typer.Option("--pca-energy", help="With --allocation pca or --method pca-gm instead of --ratio: the share of each group's activation variance its kept width must explain, e.g. 0.99.")] = None,
@@ -63,8 +64,8 @@ def prune(
     leaf: LeafOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Prune MODEL and write the result to OUTPUT: one-shot (no data), or with --data fine-tuned after pruning,
-    or to an accuracy tolerance (--tolerance: prune, fine-tune, measure, adapt the rate; rank 0 writes)."""
+    """Prune MODEL and write the result to OUTPUT with a pruning method (one-shot by default; with --data the
+    result is fine-tuned; --tolerance runs the Play-and-Prune controller; rank 0 writes)."""
     import torch
 
     from dpruner.errors import EXIT_TARGET_NOT_MET, InputError
@@ -73,12 +74,13 @@ def prune(
     from dpruner.io.arch import resolve_class
     from dpruner.io.atomic import check_not_input, check_output_path
     from dpruner.io.shapes import resolve_input_shape
-    from dpruner.methods.api import parse_ratio, prune as run_prune
+    from dpruner.methods.api import parse_ratio
+    from dpruner.methods.run import OneShotConfig, resolve, run
     from dpruner.train.api import state_path_for
 
     check_output_path(output)
     check_not_input(output, [model])
-    check_not_input(state_path_for(output), [model])  # a tolerance run's state lives beside the output
+    check_not_input(state_path_for(output), [model])  # a resumable run's state lives beside the output
     if tolerance is not None and (ratio is not None or sparsity is not None or pca_energy is not None):
         raise InputError("Give one of --ratio, --sparsity and --tolerance.")
     if tolerance is not None and data is None:
@@ -87,28 +89,29 @@ def prune(
         raise InputError("--resume applies to --tolerance runs; a one-shot prune has nothing to resume.")
     # every option is checked before the model is loaded, so a typo costs nothing and nothing is written
     err = stderr_console()
-    method = method or ("l1" if tolerance is not None else "l2")
-    ratio_value = parse_ratio(ratio) if ratio is not None else None
-    controller = one_shot = train = None
+    method, criterion = resolve(method, criterion, tolerance=tolerance is not None)
+    train = None
+    if tolerance is not None:
+        from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance
+
+        config = ToleranceConfig(tolerance=parse_tolerance(tolerance), budget_epochs=budget_epochs,
+                                 step_epochs=step_epochs, max_ratio=parse_ratio(max_ratio) if max_ratio else None,
+                                 penalty=penalty, criterion=criterion, max_fraction=max_fraction, round_to=round_to,
+                                 exclude=tuple(exclude or ()))
+    else:
+        config = OneShotConfig(ratio=parse_ratio(ratio) if ratio is not None else None, sparsity=sparsity,
+                               pca_energy=pca_energy, target=target, criterion=criterion, allocation=allocation,
+                               exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
+                               sensitivity_batches=sensitivity_batches,
+                               data_key=t.data_key(data, val_from=val_from, val_fraction=val_fraction, seed=seed,
+                                                   batch_size=batch_size, mean=mean, std=std) if data else "")
     if data is not None:
         from dpruner import validate
-        from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance
 
         validate.epochs(budget_epochs, "--budget-epochs")
         train = t.train_config(epochs=budget_epochs, lr=lr, weight_decay=weight_decay,
                                label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, device=device, seed=seed,
                                quiet=quiet)
-        if tolerance is not None:
-            controller = ToleranceConfig(tolerance=parse_tolerance(tolerance), budget_epochs=budget_epochs,
-                                         step_epochs=step_epochs, max_ratio=parse_ratio(max_ratio) if max_ratio else None,
-                                         penalty=penalty, method=method, max_fraction=max_fraction, round_to=round_to,
-                                         exclude=tuple(exclude or ()))
-        else:
-            one_shot = dict(ratio=ratio_value, sparsity=sparsity, target=target, method=method, allocation=allocation,
-                            exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
-                            pca_energy=pca_energy, sensitivity_batches=sensitivity_batches,
-                            data_key=t.data_key(data, val_from=val_from, val_fraction=val_fraction, seed=seed,
-                                                batch_size=batch_size, mean=mean, std=std))
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     from dpruner.validate import finite_weights
 
@@ -119,139 +122,88 @@ def prune(
         err.print(f"[dim]input shape {','.join(map(str, shape[1:]))} ({origin}; set --input-shape)[/dim]")
     leaves = tuple(resolve_class(item) for item in leaf or ())
     torch.manual_seed(seed)
-    if data is not None:
+    document = {"schema": SCHEMA_VERSION, "input": str(model), "output": str(output), "arch": loaded.arch,
+                "input_shape": list(shape)}
+    example = torch.randn(*shape)
+    if data is None:
+        result = run(method, loaded.model, example, config, leaf_modules=leaves)
+    else:
         from dpruner.train.distributed import setup
 
         ctx, dev = setup(device)
         bundle = t.load_bundle(data, input_shape=shape, batch_size=batch_size, workers=workers,
-                               val_fraction=val_fraction, val_from=val_from, seed=seed, download=download, ctx=ctx, mean=mean, std=std, augment=augment)
-        log = (lambda message: err.print(f"[dim]{message}[/dim]", soft_wrap=True)) if ctx.is_main and not quiet else (lambda m: None)
-        return _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, controller=controller,
-                                one_shot=one_shot, distill=distill, method=method, json_output=json_output, log=log,
-                                resume=resume)
-    result = run_prune(
-        loaded.model, torch.randn(*shape), ratio=ratio_value, pca_energy=pca_energy,
-        sparsity=sparsity, target=target, method=method, allocation=allocation, exclude=tuple(exclude or ()),
-        round_to=round_to, max_fraction=max_fraction, seed=seed, leaf_modules=leaves,
-    )
-    meta = {**loaded.meta, "pruned": {"method": method, "allocation": allocation, "target": target,
-                                      "requested": result.requested, "ratio": result.ratio, "source": str(model)}}
-    save_pruned(output, result.model, loaded, inputs=[model], input_shape=shape,
-                plan=[*(loaded.plan or []), result.plan], meta=meta)
-    document = {"schema": SCHEMA_VERSION, "input": str(model), "output": str(output), "arch": loaded.arch,
-                "input_shape": list(shape), **result.to_json()}
-    if json_output:
-        emit_json(document)
-    else:
-        render(document)
-    if not result.target_met:
-        print_error(f"the requested ratio was not reached (achieved {result.ratio[target]:.2f}x {target}); "
-                    f"the model was written to '{output}' anyway.")
-        raise typer.Exit(EXIT_TARGET_NOT_MET)
-
-
-def _prune_with_data(model, output, loaded, shape, leaves, bundle, ctx, dev, train, *, controller, one_shot,
-                     distill: bool, method: str, json_output: bool, log, resume: bool) -> None:
-    """--data given: prune to a tolerance (`controller`: Play-and-Prune), or prune one-shot (`one_shot`: the
-    arguments of dpruner.prune) and fine-tune for the budget; then evaluate, write, render."""
-    import copy
-
-    import torch
-
-    from dpruner.errors import EXIT_TARGET_NOT_MET, InputError
-    from dpruner.io.dpruner_format import save_pruned
-    from dpruner.methods.api import prune as run_prune
-    from dpruner.methods.tolerance import prune_to_tolerance, to_json_history
-    from dpruner.train.api import evaluate_splits
-    from dpruner.train.loop import fit
-
-    example = torch.randn(*shape)
-    original = loaded.model
-    base = evaluate_splits(original.to(dev), bundle, dev, ctx=ctx)
-    original.cpu()
-    document = {"schema": SCHEMA_VERSION, "input": str(model), "output": str(output), "arch": loaded.arch,
-                "input_shape": list(shape), "data": bundle.name, "method": method, "device": str(dev),
-                "world_size": ctx.world_size}
-    if controller is not None:
-        from dpruner.io.atomic import atomic_torch_save
-        from dpruner.train.api import state_path_for
-
-        state_path = state_path_for(output)
-        state = None
-        if resume:
-            if not state_path.is_file():
-                raise InputError(f"--resume was given but there is no saved state at '{state_path}'; run without "
-                                 "--resume to start over.")
-            from dpruner.train.api import load_state
-
-            state = load_state(state_path)
-
-        def save_state(payload: dict) -> None:
-            if ctx.is_main:
-                atomic_torch_save(payload, state_path, inputs=[model])
-
-        result = prune_to_tolerance(original, example, bundle, controller, train, device=dev, ctx=ctx,
-                                    distill=distill, leaf_modules=leaves, log=log, on_checkpoint=save_state,
-                                    resume=state)
-        pruned, plans, met = result.model, result.plans, result.met
-        history, used = to_json_history(result.history), result.epochs_used
-        requested = {"tolerance": controller.tolerance, "max_ratio": controller.max_ratio}
-    else:
-        teacher = copy.deepcopy(original).to(dev).eval() if distill else None
-        pruned_once = run_prune(copy.deepcopy(original), example, leaf_modules=leaves, data=bundle.train,
-                                val_data=bundle.val, ctx=ctx, **one_shot)
-        pruned, plans, met = pruned_once.model, [pruned_once.plan], pruned_once.target_met
-        used = fit(pruned.to(dev), bundle, train, device=dev, ctx=ctx, teacher=teacher,
-                   description="fine-tune").epochs
-        history, requested = [], pruned_once.requested
-    after = evaluate_splits(pruned.to(dev), bundle, dev, ctx=ctx)
-    pruned.cpu().eval()
-    if not ctx.is_main:
-        return
-    from dpruner.metrics.macs import count_sizes
-
-    def sizes(m, acc):
-        out = {**count_sizes(m, example), "accuracy": acc["val"].accuracy}
-        if "test" in acc:
-            out["test_accuracy"] = acc["test"].accuracy
-        return out
-
-    before_doc, after_doc = sizes(original, base), sizes(pruned, after)
-    document.update({
-        "before": before_doc, "after": after_doc,
-        "ratio": {k: before_doc[k] / max(after_doc[k], 1) for k in ("params", "macs")},
-        "tolerance": requested.get("tolerance"), "requested": requested, "target_met": met,
-        "epochs_used": used, "history": history,
-    })
-    if met:
-        meta = {**loaded.meta, "pruned": {"method": method, "data": bundle.name, "requested": requested,
-                                          "ratio": document["ratio"], "source": str(model),
-                                          "val_accuracy": after_doc["accuracy"],
-                                          "test_accuracy": after_doc.get("test_accuracy")}}
-        save_pruned(output, pruned, loaded, inputs=[model], input_shape=shape, plan=[*(loaded.plan or []), *plans],
-                    meta=meta)
+                               val_fraction=val_fraction, val_from=val_from, seed=seed, download=download, ctx=ctx,
+                               mean=mean, std=std, augment=augment)
+        log = (lambda message: err.print(f"[dim]{message}[/dim]", soft_wrap=True)) if ctx.is_main and not quiet \
+            else (lambda m: None)
+        state_hooks = _tolerance_state(model, output, ctx, resume) if tolerance is not None else {}
+        document.update({"data": bundle.name, "device": str(dev), "world_size": ctx.world_size})
+        result = run(method, loaded.model, example, config, data=bundle, train=train, device=dev, ctx=ctx,
+                     distill=distill, leaf_modules=leaves, log=log, **state_hooks)
+        if not ctx.is_main:
+            return
+    document.update(result.to_json())
+    # without data the pruned model is written even when the ratio was missed (exit 4 says so); with data a run
+    # that missed its goal (a tolerance not met even by the first step) writes nothing
+    write = result.target_met or data is None
+    if write:
+        summary = {"method": result.method, "criterion": result.criterion, "requested": result.requested,
+                   "ratio": result.ratio, "source": str(model)}
+        if data is None:
+            summary.update({"allocation": allocation, "target": target})
+        else:
+            summary.update({"data": bundle.name, "val_accuracy": result.after.get("accuracy"),
+                            "test_accuracy": result.after.get("test_accuracy")})
+        save_pruned(output, result.model, loaded, inputs=[model], input_shape=shape,
+                    plan=[*(loaded.plan or []), *result.plans], meta={**loaded.meta, "pruned": summary})
     else:
         document["output"] = None
-    if controller is not None:
-        from dpruner.train.api import remove_state, state_path_for
+    if tolerance is not None:
+        from dpruner.train.api import remove_state
 
         remove_state(state_path_for(output), ctx)  # only now: an interrupt before this line resumes the run
     if json_output:
         emit_json(document)
     else:
         render(document)
-    if not met:
-        if controller is not None:
+    if not result.target_met:
+        if tolerance is not None:
             print_error("even the first pruning step lost more accuracy than --tolerance allows, so nothing was "
                         "written; allow a larger --tolerance or more fine-tuning per step (--step-epochs).")
+        elif data is None:
+            print_error(f"the requested ratio was not reached (achieved {result.ratio[target]:.2f}x {target}); "
+                        f"the model was written to '{output}' anyway.")
         else:
             print_error("the requested ratio was not reached; the model was not written.")
         raise typer.Exit(EXIT_TARGET_NOT_MET)
 
 
+def _tolerance_state(model: Path, output: Path, ctx, resume: bool) -> dict:
+    """run()'s resume/on_checkpoint hooks for a --tolerance run: its state is saved atomically beside OUTPUT
+    after every step (rank 0), and --resume reads it back."""
+    from dpruner.errors import InputError
+    from dpruner.io.atomic import atomic_torch_save
+    from dpruner.train.api import load_state, state_path_for
+
+    state_path = state_path_for(output)
+    state = None
+    if resume:
+        if not state_path.is_file():
+            raise InputError(f"--resume was given but there is no saved state at '{state_path}'; run without "
+                             "--resume to start over.")
+        state = load_state(state_path)
+
+    def save_state(payload: dict) -> None:
+        if ctx.is_main:
+            atomic_torch_save(payload, state_path, inputs=[model])
+
+    return {"resume": state, "on_checkpoint": save_state}
+
+
 def render(doc: dict) -> None:
     out = stdout_console()
-    out.print(f"{doc['input']} -> {doc['output']}  ({doc['method']}{', ' + doc['allocation'] if 'allocation' in doc else ''})")
+    how = ", ".join(x for x in (doc["method"], doc["criterion"], doc.get("allocation")) if x)
+    out.print(f"{doc['input']} -> {doc['output']}  ({how})")
     table = Table()
     for header in ("", "before", "after", "ratio"):
         table.add_column(header, justify="right" if header else "left")
@@ -259,16 +211,17 @@ def render(doc: dict) -> None:
         table.add_row(key.upper() if key == "macs" else key, human(doc["before"][key]), human(doc["after"][key]),
                       f"{doc['ratio'][key]:.2f}x")
     for key, label in (("accuracy", "val top-1"), ("test_accuracy", "test top-1")):
-        if key in doc["before"]:
+        if key in doc["before"] and key in doc["after"]:
             delta = 100 * (doc["after"][key] - doc["before"][key])
             table.add_row(label, t.percent(doc["before"][key]), t.percent(doc["after"][key]), f"{delta:+.2f} pt")
     out.print(table)
-    if "history" in doc:
+    if "data" in doc:
         if doc["history"]:
             accepted = len([h for h in doc["history"] if h.get("accepted") and h["action"] != "final"])
             out.print(f"{accepted} accepted steps, {doc['epochs_used']:.2f} fine-tuning epochs on {doc['data']}.")
         else:
             out.print(f"Pruned one-shot, then fine-tuned {doc['epochs_used']:.2f} epochs on {doc['data']}.")
+    if "groups" not in doc:
         return
     pruned = [g for g in doc["groups"] if g["kept"] < g["channels"]]
     share = doc.get("prunable_macs_share")

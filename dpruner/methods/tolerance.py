@@ -72,7 +72,7 @@ class ToleranceConfig:
     max_failures: int = 3
     max_ratio: float | None = None  # cap on the MACs ratio
     penalty: float = 5.0  # strength of the L1 term on U, relative (module docstring; 5 measured in docs/benchmarks.md)
-    method: str = "l1"
+    criterion: str = "l1"  # the channel criterion (dpruner.criteria) ranking channels at every step
     max_fraction: float = 0.9
     round_to: int = 1
     exclude: tuple[str, ...] = ()
@@ -248,7 +248,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         step_no += 1
         current.cpu().eval()
         graph, index = analyze_groups(current, example, exclude=config.exclude, leaf_modules=leaf_modules)
-        scores = score_groups(current, graph, index, config.method, data=data.train, device=device, ctx=ctx)
+        scores = score_groups(current, graph, index, config.criterion, data=data.train, device=device, ctx=ctx)
         n_prunable = sum(len(g) for g in index.groups if g.prunable)
         if (not scores or n_prunable == 0) and not good_plans and step_no == 1:
             raise nothing_prunable(index)

@@ -141,8 +141,8 @@ def test_prune_then_analyze_without_arguments(tmp_path):
     result = run("prune", RESNET, "--ratio", "3x", "--target", "params", "--method", "fpgm", "-o", str(out), "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["schema"] == 1 and doc["target_met"] and abs(doc["ratio"]["params"] / 3 - 1) <= 0.05
-    assert doc["output"] == str(out) and doc["method"] == "fpgm"
+    assert doc["schema"] == 2 and doc["target_met"] and abs(doc["ratio"]["params"] / 3 - 1) <= 0.05
+    assert doc["output"] == str(out) and doc["method"] == "one-shot" and doc["criterion"] == "fpgm"
     again = run("analyze", str(out), "--json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["model"]["params"] == doc["after"]["params"]

@@ -69,7 +69,7 @@ def test_prune_to_tolerance_json_schema_and_result(tmp_path):
         assert key in doc
     for side in ("before", "after"):
         assert {"params", "macs", "accuracy", "test_accuracy"} <= set(doc[side])
-    assert doc["tolerance"] == pytest.approx(0.01) and doc["method"] == "l1" and doc["output"] == str(out)
+    assert doc["tolerance"] == pytest.approx(0.01) and doc["method"] == "tolerance" and doc["criterion"] == "l1" and doc["output"] == str(out)
     assert doc["after"]["accuracy"] >= doc["before"]["accuracy"] - 0.01 - 1e-9
     assert doc["ratio"]["macs"] > 1.0 and doc["epochs_used"] <= 4 + 1e-9
     assert doc["history"][0]["action"] == "start" and doc["history"][-1]["action"] == "final"

@@ -127,7 +127,7 @@ def test_cli_taylor_needs_data_and_prunes_with_it(tmp_path):
                  "-o", tmp_path / "b.pt", "--json")
     assert run.code == 0, run.stderr
     doc = json.loads(run.stdout)
-    assert doc["method"] == "taylor" and doc["ratio"]["macs"] == pytest.approx(2.0, rel=0.05)
+    assert doc["method"] == "one-shot" and doc["criterion"] == "taylor" and doc["ratio"]["macs"] == pytest.approx(2.0, rel=0.05)
 
 
 SCRIPT = '''
