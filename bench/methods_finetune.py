@@ -131,7 +131,7 @@ def run_row(row: str, seed: int, args) -> dict:
         from dpruner.methods.tolerance import ToleranceConfig, prune_to_tolerance
 
         controller = ToleranceConfig(tolerance=0.01, budget_epochs=args.budget_epochs,
-                                     step_epochs=args.budget_epochs / 10, method=spec_row)
+                                     step_epochs=args.budget_epochs / 10, criterion=spec_row)
         result = prune_to_tolerance(original, example, data, controller, config)
         model = result.model
         extra = {"steps": len(result.history), "met": result.met, "epochs_used": result.epochs_used}

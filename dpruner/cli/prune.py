@@ -76,7 +76,7 @@ def prune(
     from dpruner.io.shapes import resolve_input_shape
     from dpruner.methods.api import parse_ratio
     from dpruner.methods.run import OneShotConfig, resolve, run
-    from dpruner.train.api import state_path_for
+    from dpruner.train.state import state_path_for
 
     check_output_path(output)
     check_not_input(output, [model])
@@ -159,7 +159,7 @@ def prune(
     else:
         document["output"] = None
     if tolerance is not None:
-        from dpruner.train.api import remove_state
+        from dpruner.train.state import remove_state
 
         remove_state(state_path_for(output), ctx)  # only now: an interrupt before this line resumes the run
     if json_output:
@@ -183,7 +183,7 @@ def _tolerance_state(model: Path, output: Path, ctx, resume: bool) -> dict:
     after every step (rank 0), and --resume reads it back."""
     from dpruner.errors import InputError
     from dpruner.io.atomic import atomic_torch_save
-    from dpruner.train.api import load_state, state_path_for
+    from dpruner.train.state import load_state, state_path_for
 
     state_path = state_path_for(output)
     state = None

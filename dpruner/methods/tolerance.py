@@ -48,7 +48,7 @@ from dpruner.methods.oneshot import Allocation, normalized, search, select
 from dpruner.metrics.macs import count_macs, count_sizes, run_forward
 from dpruner.surgery.plan import apply_plan, make_plan
 from dpruner.criteria.views import channel_parameters
-from dpruner.train.api import check_fields
+from dpruner.train.state import check_state, make_state
 from dpruner.train.config import TrainConfig
 from dpruner.train.distributed import DistContext
 from dpruner.train.evaluate import evaluate
@@ -209,22 +209,22 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         record({"action": "start", "val_accuracy": base_acc, "floor": floor, **base,
                 "ratio_macs": 1.0, "ratio_params": 1.0})
     else:
-        check_resumable(resume, config, train, identity)
-        check_fields(resume, {"plans": list, "model": dict, "good_acc": float, "rate": float, "failures": int,
-                              "used": float, "step": int, "history": list, "position": int}, "the resume file")
+        progress = check_state(resume, "tolerance", _config_json(config, train, identity),
+                               {"good_acc": float, "rate": float, "failures": int, "used": float, "step": int,
+                                "history": list, "position": int}, "the resume file")
         try:
             for plan in resume["plans"]:
                 apply_plan(good_model, plan)
             good_model.load_state_dict(resume["model"])
         except (DprunerError, RuntimeError, KeyError, ValueError, TypeError, IndexError):
             raise InputError("The saved tolerance-run state does not fit this model; run without --resume.") from None
-        good_plans, good_acc = list(resume["plans"]), resume["good_acc"]
-        rate, failures, used, step_no = resume["rate"], resume["failures"], resume["used"], resume["step"]
-        stopped = resume.get("stopped")
-        history.extend(resume["history"])
+        good_plans, good_acc = list(resume["plans"]), progress["good_acc"]
+        rate, failures, used, step_no = progress["rate"], progress["failures"], progress["used"], progress["step"]
+        stopped = progress.get("stopped")
+        history.extend(progress["history"])
         record({"action": "resume", "val_accuracy": good_acc, "rate": rate})
 
-    position = resume["position"] if resume is not None else 0  # training batches consumed so far
+    position = resume["progress"]["position"] if resume is not None else 0  # training batches consumed so far
 
     def train_for(net: nn.Module, epochs: float, seed: int, term, description: str) -> float:
         """Fine-tune and continue the data stream where the previous fine-tune stopped."""
@@ -236,11 +236,10 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
 
     def checkpoint() -> None:
         if on_checkpoint is not None:
-            on_checkpoint({"format": STATE_FORMAT, "config": _config_json(config, train, identity),
-                           "stopped": stopped, "plans": good_plans,
-                           "model": good_model.state_dict(), "good_acc": good_acc, "rate": rate,
-                           "failures": failures, "used": used, "step": step_no, "history": history,
-                           "position": position})
+            on_checkpoint(make_state("tolerance", _config_json(config, train, identity), good_model.state_dict(),
+                                     {"stopped": stopped, "good_acc": good_acc, "rate": rate, "failures": failures,
+                                      "used": used, "step": step_no, "history": history, "position": position},
+                                     plans=good_plans))
 
     current = copy.deepcopy(good_model)
     loop_budget = config.budget_epochs - config.final
@@ -358,9 +357,6 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     return ToleranceResult(final_model, good_plans, met, before, after, history, used)
 
 
-STATE_FORMAT = "dpruner_tolerance_state"
-
-
 def _config_json(config: ToleranceConfig, train: TrainConfig, identity: dict) -> dict:
     """What must match for a saved state to continue a run: the options that change results (not --quiet or
     --device), the data set, the input model's size, the process count and distillation."""
@@ -370,15 +366,6 @@ def _config_json(config: ToleranceConfig, train: TrainConfig, identity: dict) ->
     controller["exclude"] = list(controller["exclude"])
     training = {k: v for k, v in train.to_json().items() if k not in ("quiet", "device")}
     return {"controller": controller, "train": training, "identity": identity}
-
-
-def check_resumable(state: dict, config: ToleranceConfig, train: TrainConfig, identity: dict) -> None:
-    """A saved state continues only the run it came from: same model, data and options."""
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise InputError("The resume file is not a dpruner tolerance-run state.")
-    if state.get("config") != _config_json(config, train, identity):
-        raise InputError("--resume needs the same model, data and options as the interrupted run (they differ "
-                         "from the saved ones).")
 
 
 def _describe(entry: dict) -> str:

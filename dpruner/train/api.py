@@ -14,8 +14,9 @@ from dpruner.train.config import TrainConfig
 from dpruner.train.distributed import DistContext, barrier
 from dpruner.train.evaluate import EvalResult, check_compatible, evaluate
 from dpruner.train.loop import FitResult, fit
+from dpruner.train.state import (check_state, load_state, make_state, remove_state,  # noqa: F401 (re-exported)
+                                   state_path_for)
 
-STATE_FORMAT = "dpruner_train_state"
 
 
 def evaluate_splits(model: nn.Module, data, device: torch.device | str = "cpu", *, ctx: DistContext = DistContext(),
@@ -34,34 +35,6 @@ class FinetuneResult:
     resumed_from_step: int
 
 
-def state_path_for(output: str | Path) -> Path:
-    """Where the resumable state of a run writing `output` lives (beside it; removed when the run completes)."""
-    output = Path(output)
-    return output.with_name(output.name + ".resume")
-
-
-def load_state(path: Path) -> dict:
-    """A saved training or tolerance-run state (weights_only); a damaged file is a user error, not a crash."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"Cannot read the saved state '{path}' ({type(exc).__name__}); delete it and run "
-                         "without --resume.") from None
-
-
-def check_fields(state: dict, fields: dict[str, type | tuple], what) -> None:
-    """A saved state's fields must exist with the expected types: a damaged or hand-edited file is a user error.
-    `what` names the file in the message (a path, or words such as 'the resume file')."""
-    name_of = f"'{what}'" if isinstance(what, Path) else str(what)
-    for name, kind in fields.items():
-        value = state.get(name) if isinstance(state, dict) else None
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            continue  # an integral float saved as int is still a number
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise InputError(f"{name_of} is damaged (its '{name}' field is missing or of the wrong type); delete it "
-                             "and run without --resume.")
-
-
 def finetune(model: nn.Module, data, config: TrainConfig, *, device: torch.device | str = "cpu",
              ctx: DistContext = DistContext(), teacher: nn.Module | None = None, state_path: Path | None = None,
              resume: bool = False, keep_state: bool = False) -> FinetuneResult:
@@ -78,28 +51,19 @@ def finetune(model: nn.Module, data, config: TrainConfig, *, device: torch.devic
             raise InputError(f"--resume was given but there is no saved state at '{state_path}'; run without "
                              "--resume to start over.")
         state = load_state(state_path)
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise InputError(f"'{state_path}' is not a dpruner training state.")
-        check_fields(state, {"config": dict, "model": dict, "train": dict}, state_path)
-        check_fields(state["train"], {"step": int, "total_steps": int, "optimizer": dict, "rng": torch.Tensor},
-                     state_path)
-        if state["config"] != config.to_json():
-            raise InputError("--resume needs the same training options as the interrupted run (they differ from "
-                             f"those saved in '{state_path}').")
+        start = check_state(state, "finetune", config.to_json(),
+                            {"step": int, "total_steps": int, "optimizer": dict, "rng": torch.Tensor}, state_path)
         try:
             model.load_state_dict(state["model"])
         except (RuntimeError, TypeError, KeyError, ValueError):
             raise InputError(f"The model does not match the saved state in '{state_path}'.") from None
-        start = state["train"]
         if not 0 <= start["step"] <= start["total_steps"]:
             raise InputError(f"'{state_path}' is damaged (step {start['step']} of {start['total_steps']}); delete it "
                              "and run without --resume.")
 
     def save(train_state: dict) -> None:
         if state_path is not None and ctx.is_main:
-            payload = {"format": STATE_FORMAT, "config": config.to_json(), "model": model.state_dict(),
-                       "train": train_state}
-            atomic_torch_save(payload, state_path)
+            atomic_torch_save(make_state("finetune", config.to_json(), model.state_dict(), train_state), state_path)
         barrier(ctx)
 
     result = fit(model, data, config, device=device, ctx=ctx, teacher=teacher, start=start,
@@ -107,9 +71,3 @@ def finetune(model: nn.Module, data, config: TrainConfig, *, device: torch.devic
     if state_path is not None and not keep_state:
         remove_state(state_path, ctx)
     return FinetuneResult(result, int(start["step"]) if start else 0)
-
-
-def remove_state(state_path: Path, ctx: DistContext = DistContext()) -> None:
-    """Delete a finished run's state (rank 0 only): call it after the run's output is safely written."""
-    if ctx.is_main:
-        Path(state_path).unlink(missing_ok=True)

@@ -213,11 +213,14 @@ def test_nan_weights_in_analyze_and_prune_are_exit_2(tmp_path):
 @pytest.mark.parametrize("damage", ["not a dict", "wrong types", "bad step"])
 def test_structurally_damaged_finetune_state_is_exit_2(damage, tmp_path):
     state = tmp_path / "o.pt.resume"
-    payload = {"format": "dpruner_train_state", "config": {}, "model": {}, "train": {}}
+    payload = {"format": "dpruner_run_state", "method": "finetune", "config": {}, "plans": [], "model": {},
+               "progress": {}}
     if damage == "not a dict":
         payload = [1, 2, 3]
+    elif damage == "wrong types":
+        payload["model"] = [1]
     elif damage == "bad step":
-        payload["train"] = {"step": -5, "total_steps": 3, "optimizer": {}, "rng": torch.get_rng_state()}
+        payload["progress"] = {"step": -5, "total_steps": 3, "optimizer": {}, "rng": torch.get_rng_state()}
     torch.save(payload, state)
     run = invoke("finetune", VGG, "--data", "digits", "--epochs", "1", "-o", "o.pt", "--resume", cwd=tmp_path)
     assert run.code == 2, run.stderr
@@ -249,7 +252,7 @@ def test_damaged_tolerance_state_is_exit_2(tmp_path):
     finally:
         atomic.atomic_torch_save = original_save
     assert saved
-    saved["rate"] = "fast"
+    saved["progress"]["rate"] = "fast"
     torch.save(saved, state)
     run = invoke(*args, "--resume", cwd=tmp_path)
     assert run.code == 2, run.stderr

@@ -246,7 +246,7 @@ def test_every_command_fails_cleanly_on_generated_input(case, pool, tmp_path_fac
         elif damaged_state == "list":
             torch.save([1, 2], work / "out.pt.resume")
         else:
-            torch.save({"format": "dpruner_train_state", "config": 3, "model": {}, "train": None},
+            torch.save({"format": "dpruner_run_state", "method": "finetune", "config": 3, "model": {}, "progress": None},
                        work / "out.pt.resume")
     argv = [command, model, *args]
     note(" ".join(f"'{a}'" if " " in a or not a else a for a in argv))
