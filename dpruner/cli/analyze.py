@@ -31,7 +31,7 @@ def analyze(
     mean: t.MeanOpt = None,
     std: t.StdOpt = None,
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="With --data: prune each coupled channel group alone at 10..90% (no fine-tuning) and score top-1 and loss on held-out batches; one row per group. Cached by model hash, so `prune --allocation sensitivity` with the same data options reuses it.")] = False,
-    method: Annotated[str, typer.Option("--method", help="--sensitivity: the criterion that picks which channels each cut removes (match the prune command's --method to share the cache).")] = "l2",
+    criterion: Annotated[str, typer.Option("--criterion", "--method", help="--sensitivity: the criterion that picks which channels each cut removes (match the prune command's --criterion to share the cache; --method is the old name).")] = "l2",
     sensitivity_batches: t.SensitivityBatchesOpt = 8,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="--sensitivity: also draw the curves into this PNG file (needs matplotlib).")] = None,
     val_from: t.ValFromOpt = "train",
@@ -57,7 +57,7 @@ def analyze(
     if sensitivity:
         from dpruner.criteria import get_criterion
 
-        get_criterion(method)  # a typo fails before any work
+        get_criterion(criterion)  # a typo fails before any work
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     from dpruner.validate import finite_weights
 
@@ -88,7 +88,7 @@ def analyze(
                 err.print(f"[dim]sensitivity: {done}/{total} pruned copies scored[/dim]")
 
         scan = measure_sensitivity(
-            loaded.model, torch.randn(*shape), bundle.val, criterion=method, batches=sensitivity_batches, seed=seed,
+            loaded.model, torch.randn(*shape), bundle.val, criterion=criterion, batches=sensitivity_batches, seed=seed,
             score_data=bundle.train, progress=progress,
             data_key=t.data_key(data, val_from=val_from, val_fraction=val_fraction, seed=seed,
                                 batch_size=batch_size, mean=mean, std=std))
@@ -219,5 +219,5 @@ def render_sensitivity(scan, plot) -> None:
         table.add_row(name, str(len(g.layers)), str(g.channels), *[f"{100 * a:.1f}" for a in g.accuracy])
     out.print(table)
     how = "read from the cache" if scan.cached else f"measured in {scan.seconds:.0f} s and cached"
-    out.print(f"Sensitivity {how}; `dpruner prune --allocation sensitivity --method {scan.criterion}` with the same "
+    out.print(f"Sensitivity {how}; `dpruner prune --allocation sensitivity --criterion {scan.criterion}` with the same "
               "data options reuses it." + (f" Curves drawn to {plot}." if plot else ""))

@@ -99,12 +99,38 @@ def test_ratio_with_data_fine_tunes_after_pruning(tmp_path):
     (["finetune", VGG, "--data", "digits", "-o", "y.pt", "--resume"], "no saved state"),
     (["prune", VGG, "--data", "digits", "--tolerance", "1%", "-o", "y.pt", "--resume"], "no saved state"),
     (["prune", VGG, "--ratio", "2x", "-o", "y.pt", "--resume"], "--resume applies"),
+    (["prune", VGG, "--ratio", "2x", "--method", "l1", "--criterion", "fpgm", "-o", "y.pt"], "give the criterion once"),
+    (["prune", VGG, "--ratio", "2x", "--method", "tolerance", "-o", "y.pt"], "give --tolerance"),
+    (["prune", VGG, "--ratio", "2x", "--criterion", "nosuch", "-o", "y.pt"], "nosuch"),
+    (["prune", VGG, "--ratio", "2x", "--allocation", "sensitivity", "-o", "y.pt"], "give --data"),
+    (["analyze", VGG, "--sensitivity"], "give --data"),
+    (["analyze", VGG, "--data", "digits", "--plot", "p.png"], "add --sensitivity"),
+    (["analyze", VGG, "--data", "digits", "--sensitivity", "--criterion", "nosuch"], "nosuch"),
 ])
 def test_user_errors_are_one_sentence_with_exit_2(args, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dpruner", *args], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("*.pt"))
+
+
+def test_sensitivity_measured_by_analyze_is_reused_by_prune(tmp_path):
+    """analyze --sensitivity caches its curves by model hash and data options; prune --allocation sensitivity with
+    the same options reads them instead of measuring again, and reaches the target."""
+    common = ["--data", "digits", "--val-from", "test", "--sensitivity-batches", "2", "--criterion", "l1"]
+    scan = dp("analyze", VGG, *common, "--sensitivity", "--json")
+    assert scan.returncode == 0, scan.stderr
+    curves = json.loads(scan.stdout)["sensitivity"]
+    assert curves["cached"] is False and curves["groups"] and curves["criterion"] == "l1"
+    assert all(len(g["accuracy"]) == len(curves["levels"]) for g in curves["groups"])
+    out = tmp_path / "s.pt"
+    proc = dp("prune", VGG, *common, "--ratio", "2x", "--allocation", "sensitivity", "--budget-epochs", "0.5",
+              "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["sensitivity"]["cached"] is True and doc["sensitivity"]["key"] == curves["key"]
+    assert doc["ratio"]["macs"] >= 2.0 and doc["criterion"] == "l1" and doc["method"] == "one-shot"
+    assert dpruner.load_model(out) is not None
 
 
 def test_model_data_mismatch_is_exit_2(tmp_path):
