@@ -33,6 +33,7 @@ def prune(
     distill: Annotated[bool, typer.Option("--distill/--no-distill", help="With --data: distil from the unpruned model while fine-tuning.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="--tolerance: continue an interrupted run from OUTPUT.resume (saved atomically after every step).")] = False,
     penalty: Annotated[float, typer.Option("--penalty", help="--tolerance: strength of the L1 push on the channels about to be removed before they go (relative to their magnitude; 0: off).")] = 5.0,
+    score_momentum: Annotated[float, typer.Option("--score-momentum", help="--tolerance with a data criterion (taylor, activation): each step's scores are averaged with the previous steps' as m * old + (1 - m) * new, so one set of batches does not decide alone (0: off).")] = 0.5,
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
     label_smoothing: t.LabelSmoothingOpt = 0.1,
@@ -96,7 +97,7 @@ def prune(
 
         config = ToleranceConfig(tolerance=parse_tolerance(tolerance), budget_epochs=budget_epochs,
                                  step_epochs=step_epochs, max_ratio=parse_ratio(max_ratio) if max_ratio else None,
-                                 penalty=penalty, criterion=criterion, max_fraction=max_fraction, round_to=round_to,
+                                 penalty=penalty, criterion=criterion, score_momentum=score_momentum, max_fraction=max_fraction, round_to=round_to,
                                  exclude=tuple(exclude or ()))
     else:
         config = OneShotConfig(ratio=parse_ratio(ratio) if ratio is not None else None, sparsity=sparsity,

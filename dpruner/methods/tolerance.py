@@ -14,6 +14,10 @@ group's mean so layers compare) and the last model that met the tolerance. Each 
      ResNet, accuracy right after removing the first step's channels: 75% without the term, 85% at 1, 98% at 5);
 
   3. remove U physically and measure validation accuracy A_t.
+A data criterion (taylor, activation) is rescored on fresh batches at every step and smoothed across steps with
+`score_momentum` (Molchanov et al. 2019 average Taylor scores with momentum between pruning steps): a surviving
+channel's score is m * previous + (1 - m) * new, so one noisy set of batches does not decide alone. Weight
+criteria read the current weights, which carry their history already, and are not smoothed.
 Pruning Rate Controller: margin m = A_t - (A_orig - tolerance), in accuracy points.
   - m >= 0: accept (this is the new last good model) and raise the rate in proportion to the headroom:
     r <- r * (1 + gain * m / tolerance), m / tolerance capped at 1 -- larger steps while there is room, at most
@@ -47,6 +51,7 @@ from dpruner.methods.cost import build_cost_model
 from dpruner.methods.oneshot import Allocation, normalized, search, select
 from dpruner.metrics.macs import count_macs, count_sizes, run_forward
 from dpruner.surgery.plan import apply_plan, make_plan
+from dpruner.criteria import get_criterion
 from dpruner.criteria.views import channel_parameters
 from dpruner.train.state import check_state, make_state
 from dpruner.train.config import TrainConfig
@@ -73,6 +78,7 @@ class ToleranceConfig:
     max_ratio: float | None = None  # cap on the MACs ratio
     penalty: float = 5.0  # strength of the L1 term on U, relative (module docstring; 5 measured in docs/benchmarks.md)
     criterion: str = "l1"  # the channel criterion (dpruner.criteria) ranking channels at every step
+    score_momentum: float = 0.5  # data criteria: weight of the previous steps' scores (module docstring)
     max_fraction: float = 0.9
     round_to: int = 1
     exclude: tuple[str, ...] = ()
@@ -88,6 +94,7 @@ class ToleranceConfig:
             validate.number(self.max_ratio, "--max-ratio", low=1, low_open=True)
         validate.number(self.penalty, "--penalty", low=0, high=1e6)
         validate.number(self.max_fraction, "--max-fraction", low=0, low_open=True, high=1, high_open=True)
+        validate.number(self.score_momentum, "--score-momentum", low=0, high=1, high_open=True)
         for name in ("initial_rate", "max_rate", "min_step", "gain", "shrink"):
             validate.number(getattr(self, name), name, low=0, low_open=True, high=1e3)
         if self.budget_epochs < self.step_epochs + self.final:
@@ -197,6 +204,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     rate = config.initial_rate
     failures = 0
     stopped: str | None = None  # why the pruning loop stopped early (kept in the resume state)
+    smooth = config.score_momentum > 0 and get_criterion(config.criterion).needs_data
+    memory: dict[str, np.ndarray] = {}  # smoothed scores of the last good model's channels, by group (smooth only)
     batches = len(data.train)
     if batches == 0:
         from dpruner.data.spec import DataError
@@ -222,6 +231,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         rate, failures, used, step_no = progress["rate"], progress["failures"], progress["used"], progress["step"]
         stopped = progress.get("stopped")
         history.extend(progress["history"])
+        memory = {k: v.numpy() for k, v in progress.get("scores", {}).items()}
         record({"action": "resume", "val_accuracy": good_acc, "rate": rate})
 
     position = resume["progress"]["position"] if resume is not None else 0  # training batches consumed so far
@@ -238,7 +248,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         if on_checkpoint is not None:
             on_checkpoint(make_state("tolerance", _config_json(config, train, identity), good_model.state_dict(),
                                      {"stopped": stopped, "good_acc": good_acc, "rate": rate, "failures": failures,
-                                      "used": used, "step": step_no, "history": history, "position": position},
+                                      "used": used, "step": step_no, "history": history, "position": position,
+                                      "scores": {k: torch.from_numpy(v) for k, v in memory.items()}},
                                      plans=good_plans))
 
     current = copy.deepcopy(good_model)
@@ -248,6 +259,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         current.cpu().eval()
         graph, index = analyze_groups(current, example, exclude=config.exclude, leaf_modules=leaf_modules)
         scores = score_groups(current, graph, index, config.criterion, data=data.train, device=device, ctx=ctx)
+        if smooth:
+            scores = smooth_scores(scores, index, memory, config.score_momentum)
         n_prunable = sum(len(g) for g in index.groups if g.prunable)
         if (not scores or n_prunable == 0) and not good_plans and step_no == 1:
             raise nothing_prunable(index)
@@ -278,6 +291,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
             record({"action": "stop", "reason": stopped})
             checkpoint()
             break
+        if smooth:
+            survivors, memory = carry_scores(scores, index, removed), carry_scores(scores, index, None)
         # AFP: fine-tune with the L1 penalty on exactly the channels about to go, then remove them.
         steps = max(1, round(config.step_epochs * len(data.train)))
         term = _penalty(channel_parameters(current, graph, index, removed), config.penalty, train, steps)
@@ -315,6 +330,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
             if not recovered:
                 record({"action": "prune", "accepted": True, **entry})
             good_model, good_plans, good_acc = copy.deepcopy(current).cpu(), [*good_plans, plan], acc
+            if smooth:
+                memory = survivors
             failures = 0
             rate = min(rate * (config.shrink if recovered else 1 + config.gain * min(margin / config.tolerance, 1.0)),
                        config.max_rate)
@@ -355,6 +372,35 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     final_model.cpu().eval()
     after = {**count_sizes(final_model, example), "accuracy": good_acc}
     return ToleranceResult(final_model, good_plans, met, before, after, history, used)
+
+
+def _group_key(group) -> str:
+    """A group's name that survives pruning and re-tracing: its slots (module, role, part), sorted."""
+    return ";".join(sorted(map(repr, group.slots)))
+
+
+def smooth_scores(scores: dict[int, np.ndarray], index, memory: dict[str, np.ndarray],
+                  momentum: float) -> dict[int, np.ndarray]:
+    """Each group's fresh scores averaged with its remembered ones: momentum * old + (1 - momentum) * new. A group
+    with no memory (the first step, or a shape the memory does not fit) keeps its fresh scores."""
+    out = {}
+    for group in index.groups:
+        if group.id in scores:
+            new, old = scores[group.id], memory.get(_group_key(group))
+            out[group.id] = new if old is None or old.shape != new.shape else momentum * old + (1 - momentum) * new
+    return out
+
+
+def carry_scores(scores: dict[int, np.ndarray], index, removed: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The scores of the channels that survive `removed` (a mask over index.roots; None: all survive), keyed by
+    group name, in the order the pruned model's groups number them (kept channels keep their relative order)."""
+    out = {}
+    for group in index.groups:
+        if group.id in scores:
+            kept = np.ones(len(group.channels), bool) if removed is None \
+                else ~removed[np.searchsorted(index.roots, group.channels)]
+            out[_group_key(group)] = scores[group.id][kept]
+    return out
 
 
 def _config_json(config: ToleranceConfig, train: TrainConfig, identity: dict) -> dict:

@@ -114,25 +114,37 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_continues_an_interrupted_run_to_the_same_result(digits):
-    """Stop the run right after its second checkpoint, resume from it: the result equals an uninterrupted run."""
-    config = ToleranceConfig(tolerance=0.01, budget_epochs=1.0, step_epochs=0.1, final_epochs=0.1, initial_rate=0.2)
+# taylor: the smoothed scores are part of the state; stopped late enough that an accepted step follows the resume
+@pytest.mark.parametrize("criterion, crash_at", [("l1", 2), ("taylor", 4)])
+def test_resume_continues_an_interrupted_run_to_the_same_result(digits, criterion, crash_at):
+    """Stop the run right after a checkpoint, resume from it: the result equals an uninterrupted run."""
+    config = ToleranceConfig(tolerance=0.01, budget_epochs=1.0, step_epochs=0.1, final_epochs=0.1, initial_rate=0.2,
+                             criterion=criterion)
     measure = oracle(2.0)
-    full = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=measure)
+    states = []
+    full = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=measure,
+                              on_checkpoint=states.append)
 
     saved = []
 
     def crash_on_second(state):
         saved.append(state)
-        if len(saved) == 2:
+        if len(saved) == crash_at:
             raise Interrupt()
 
     with pytest.raises(Interrupt):
         prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=measure,
                            on_checkpoint=crash_on_second)
+    after_resume = []
     resumed = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=measure,
-                                 resume=saved[-1])
+                                 resume=saved[-1], on_checkpoint=after_resume.append)
     assert resumed.plans == full.plans
+    for a, b in zip(after_resume, states[crash_at:]):  # every later state, the smoothed scores included
+        assert a["plans"] == b["plans"] and a["progress"]["rate"] == b["progress"]["rate"]
+        assert a["progress"]["scores"].keys() == b["progress"]["scores"].keys()
+        assert all(torch.allclose(a["progress"]["scores"][k], b["progress"]["scores"][k])
+                   for k in a["progress"]["scores"])
+    assert bool(states[-1]["progress"]["scores"]) == (criterion == "taylor")
     assert [h["action"] for h in resumed.history if h["action"] != "resume"] == [h["action"] for h in full.history]
     for (name, p), q in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(p, q, atol=1e-5), name
@@ -161,3 +173,45 @@ def test_the_rate_never_exceeds_max_rate(digits):
     result = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=oracle(100.0))
     rates = [h["rate"] for h in result.history if h["action"] == "prune"]
     assert len(rates) >= 2 and max(rates) <= 0.4 + 1e-12
+
+
+def test_smoothed_scores_follow_their_channels_through_a_prune():
+    """Taylor momentum across steps: the memory of a group's scores, carried past a prune, lines up channel for
+    channel with the pruned model's own numbering (weights untouched, so fresh l1 scores equal the carried ones)."""
+    import numpy as np
+    import torch.nn.functional as F
+    from torch import nn
+
+    from dpruner.graph.summary import analyze_groups
+    from dpruner.methods.api import score_groups
+    from dpruner.methods.tolerance import carry_scores, smooth_scores
+    from dpruner.surgery.plan import apply_plan, make_plan
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.conv2 = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.conv2(F.relu(self.bn(self.conv(x)))).mean((2, 3))
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        for i in range(6):
+            net.conv.weight[i] = (i + 1) * torch.rand_like(net.conv.weight[i]).sign().abs()  # l1 grows with i
+    graph, index = analyze_groups(net, x)
+    scores = score_groups(net, graph, index, "l1")
+    group = next(g for g in index.groups if ("conv", "out", None) in g.slots)
+    removed = np.zeros(len(index.roots), bool)
+    removed[np.searchsorted(index.roots, [group.channels[1], group.channels[4]])] = True
+    memory = carry_scores(scores, index, removed)
+    apply_plan(net, make_plan(graph, index, index.roots[removed]))
+    graph2, index2 = analyze_groups(net, x)
+    fresh = score_groups(net, graph2, index2, "l1")
+    group2 = next(g for g in index2.groups if ("conv", "out", None) in g.slots)
+    np.testing.assert_allclose(memory[";".join(sorted(map(repr, group2.slots)))], fresh[group2.id])
+    np.testing.assert_allclose(fresh[group2.id], scores[group.id][[0, 2, 3, 5]])
+    smoothed = smooth_scores({group2.id: np.zeros(4)}, index2, memory, 0.75)
+    np.testing.assert_allclose(smoothed[group2.id], 0.75 * fresh[group2.id])
+    assert smooth_scores({group2.id: np.ones(3)}, index2, memory, 0.75)[group2.id].tolist() == [1, 1, 1]
