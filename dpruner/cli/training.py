@@ -11,7 +11,7 @@ import typer
 
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data set: digits, imagefolder:ROOT, cifar10:ROOT, cifar100:ROOT or python:file.py:fn (docs/data.md).")]
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Share of the training split held out for validation (tolerance decisions); never trained on.")]
-ValFromOpt = Annotated[str, typer.Option("--val-from", help="Where the validation split comes from: 'train' (carved from it, --val-fraction) or 'test' (half of the test split, seeded; the other half is reported as test). Use 'test' when the checkpoint was trained on the whole training split, so decisions are taken on data it never saw.")]
+ValFromOpt = Annotated[str, typer.Option("--val-from", help="Where the validation split comes from: 'train' (carved from it, --val-fraction) or 'test' (half of the test split, seeded; the other half is reported as test). Use 'test' when the checkpoint was trained on the whole training split, so decisions are taken on data it never saw. Or a data spec (imagefolder:ROOT, ...): validation is that data set's test split, a held-out set of your own.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size per process.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data-loading worker processes.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (cuda when available).")]

@@ -3,7 +3,8 @@
 Splits: `val` is carved out of the training split (stratified per class, seeded by `seed`) and seen with eval
 transforms only; `test` is the data set's own test split, kept for the final report. With `val_from="test"` the test
 split is halved instead (stratified, seeded): one half is `val`, the other `test`, and the whole training split trains. The same `seed` gives the same
-split and the same train batch order on every run; `DataBundle.set_epoch(e)` makes epoch e's order a function of
+split and the same train batch order on every run. `val_from` may also be another data spec: validation is then that
+data set's test split (same transforms and normalisation), for a held-out set kept apart from both splits; `DataBundle.set_epoch(e)` makes epoch e's order a function of
 (seed, e) alone, so a resumed run replays it. Augmentation randomness comes from torch's global RNG when
 `workers == 0` (seed it with torch.manual_seed) and from per-worker seeds drawn from a generator seeded by `seed`
 otherwise.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ class _Options:
 
 
 VAL_FROM = ("train", "test")
+EXTERNAL = "external"  # internal: validation comes from another data set (val_from=SPEC); the whole train split trains
 
 
 # ---- samplers and datasets ---------------------------------------------------------------------------------------
@@ -177,7 +179,8 @@ def load_data(spec: str | DataSpec, *, batch_size: int = 128, workers: int = 0, 
               rank: int = 0, world_size: int = 1, val_from: str = "train") -> DataBundle:
     """Build train/val/test loaders for a data spec (see the module docstring for splits and determinism).
     `val_from='test'`: decisions are taken on data the checkpoint never trained on: the data set's test split is
-    halved (stratified, by `seed`); one half is the validation split, the other is reported as test."""
+    halved (stratified, by `seed`); one half is the validation split, the other is reported as test. `val_from`
+    another data spec (e.g. 'imagefolder:/data/holdout'): validation is that data set's test split."""
     if isinstance(spec, str):
         spec = parse_data_spec(spec, download=download)
     _check_int("batch_size", batch_size, 1)
@@ -187,8 +190,12 @@ def load_data(spec: str | DataSpec, *, batch_size: int = 128, workers: int = 0, 
         raise DataError(f"rank must be in [0, {world_size}) for world_size {world_size}, not {rank}.")
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction <= 0.9:
         raise DataError(f"val_fraction must be in (0, 0.9], not {val_fraction}.")
+    other = None
     if val_from not in VAL_FROM:
-        raise DataError(f"val_from must be one of {', '.join(VAL_FROM)}, not {val_from!r}.")
+        if not isinstance(val_from, str) or ":" not in val_from and val_from != "digits":
+            raise DataError(f"val_from must be 'train', 'test' or a data spec such as imagefolder:ROOT, not "
+                            f"{val_from!r}.")
+        other, val_from = val_from, EXTERNAL
     if image_size is not None:
         _check_int("image_size", image_size, 1)
     if (mean is None) != (std is None):
@@ -196,6 +203,12 @@ def load_data(spec: str | DataSpec, *, batch_size: int = 128, workers: int = 0, 
     opts = _Options(batch_size, workers, float(val_fraction), seed, download, augment, image_size,
                     None if mean is None else tuple(float(m) for m in mean),
                     None if std is None else tuple(float(s) for s in std), rank, world_size, val_from)
+    if other is not None:
+        return _with_val_from(spec, other, opts)
+    return _load(spec, opts)
+
+
+def _load(spec: DataSpec, opts: _Options) -> DataBundle:
     if spec.kind == "digits":
         return _load_digits(opts)
     if spec.kind in ("cifar10", "cifar100"):
@@ -205,6 +218,24 @@ def load_data(spec: str | DataSpec, *, batch_size: int = 128, workers: int = 0, 
     if spec.kind == "python":
         return _load_python(spec, opts)
     raise DataError(f"Unknown data set kind '{spec.kind}'.")
+
+
+def _with_val_from(spec: DataSpec, other: str, opts: _Options) -> DataBundle:
+    """`spec`'s loaders (its whole training split trains) with validation from data set `other`'s test split."""
+    main = _load(spec, opts)
+    held = _load(parse_data_spec(other, download=opts.download), opts)
+    if held.test is None:
+        raise DataError(f"The validation data '{held.name}' has no test split to validate on.")
+    if held.num_classes != main.num_classes:
+        raise DataError(f"The validation data '{held.name}' has {held.num_classes} classes, but '{main.name}' has "
+                        f"{main.num_classes}; both must label the same classes.")
+    if held.input_shape and main.input_shape and held.input_shape != main.input_shape:
+        raise DataError(f"The validation data '{held.name}' yields images of {held.input_shape}, but '{main.name}' "
+                        f"{main.input_shape}.")
+    train_count = len(main.train.dataset) if hasattr(main.train, "dataset") else "?"
+    name = f"{spec} ({train_count} train; validation: test split of {held.name}; {len(main.test.dataset)} test)" \
+        if main.test is not None and hasattr(main.test, "dataset") else f"{main.name}; validation: {held.name}"
+    return replace(main, val=held.test, name=name)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -229,7 +260,7 @@ def carve_val(labels: torch.Tensor, fraction: float, seed: int) -> tuple[list[in
 
 
 def _split(labels: torch.Tensor, opts: _Options, where: str) -> tuple[list[int], list[int]]:
-    if opts.val_from == "test":  # validation comes from the test split: the whole training split trains
+    if opts.val_from in ("test", EXTERNAL):  # validation comes from elsewhere: the whole training split trains
         return list(range(len(labels))), []
     train, val = carve_val(labels, opts.val_fraction, opts.seed)
     for name, part in (("validation", val), ("training", train)):
@@ -499,7 +530,7 @@ def _class_list(classes: list[str], limit: int = 5) -> str:
 def _load_python(spec: DataSpec, opts: _Options) -> DataBundle:
     """Call the user's FN and check what it returns (the contract is in the module docstring)."""
     if opts.val_from != "train":
-        raise DataError(f"--val-from test does not apply to '{spec}': its function returns its own validation "
+        raise DataError(f"--val-from other than train does not apply to '{spec}': its function returns its own validation "
                         "loader; have it hold out what you need.")
     if opts.mean is not None:
         raise DataError(f"mean and std cannot be applied to the loaders of '{spec}'; normalise inside "

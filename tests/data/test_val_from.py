@@ -41,11 +41,11 @@ def test_the_test_split_is_halved_into_val_and_test_disjoint_and_seeded():
 
 
 def test_val_from_rejects_unknown_values_and_python_loaders(tmp_path):
-    with pytest.raises(DataError, match="val_from must be one of train, test"):
+    with pytest.raises(DataError, match="val_from must be .train., .test. or a data spec"):
         load_data("digits", val_from="val")
     module = tmp_path / "data.py"
     module.write_text("def loaders(batch_size=8):\n    return [], []\n")
-    with pytest.raises(DataError, match="--val-from test does not apply"):
+    with pytest.raises(DataError, match="--val-from other than train does not apply"):
         load_data(f"python:{module}:loaders", val_from="test")
 
 
@@ -58,4 +58,27 @@ def test_cli_evaluate_reports_both_halves():
     doc = json.loads(run.stdout)
     assert "val from test" in doc["data"]
     bad = invoke("evaluate", SAMPLE_MODELS / "digits_vgg.pt", "--data", "digits", "--val-from", "nope")
-    assert bad.code == 2 and "val_from must be one of" in bad.one_error_line()
+    assert bad.code == 2 and "val_from must be 'train', 'test' or a data spec" in bad.one_error_line()
+
+
+def test_validation_from_another_data_set_is_its_test_split(tmp_path):
+    """`val_from=SPEC`: a held-out set of the user's own; training and test stay those of --data."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            folder = tmp_path / "held" / split / label
+            folder.mkdir(parents=True)
+            for i in range(10):
+                Image.new("RGB", (8, 8), (20 * i, 200 if label == "a" else 0, 0)).save(folder / f"{i}.png")
+    own = load_data(f"imagefolder:{tmp_path / 'held'}", batch_size=4, image_size=8)
+    both = load_data(f"imagefolder:{tmp_path / 'held'}", batch_size=4, image_size=8,
+                     val_from=f"imagefolder:{tmp_path / 'held'}")
+    assert torch.equal(_inputs(both.val), _inputs(own.test)) and torch.equal(_inputs(both.test), _inputs(own.test))
+    # nothing is carved from the training split: all 20 images train (18 when validation is carved from them)
+    assert len(both.train.dataset) == 20 and len(own.train.dataset) == 18
+    assert "(20 train; validation: test split of imagefolder:" in both.name
+    with pytest.raises(DataError, match=r"has 2 classes, but 'digits \(.*\)' has 10"):
+        load_data("digits", val_from=f"imagefolder:{tmp_path / 'held'}")
+    with pytest.raises(DataError, match="val_from must be 'train', 'test' or a data spec"):
+        load_data("digits", val_from="holdout")
