@@ -9,7 +9,9 @@ fine-tuning budget for every row: `--budget-epochs` epochs over a fixed, seeded 
 images (dpruner's loop: SGD Nesterov, cosine, label smoothing 0.1, distillation from the unpruned model, batch
 128). Data criteria score on 10 training batches; sensitivity scans read 8 validation batches.
 
-Restartable: each finished (row, seed) is one JSON line in bench/results/methods/finetune.jsonl, skipped next time.
+Restartable: each finished (row, seed) is one JSON line in bench/results/methods/finetune-v2.jsonl, skipped next
+time. Data criteria score on 10 batches of the full training loader (as bench/methods.py does); recalibration and
+fine-tuning read the subset.
 
     .venv-bench/bin/python bench/methods_finetune.py [--rows ...] [--seeds 0 1] [--table]
 """
@@ -28,7 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DPRUNER_SHARED_DATA", ROOT.parent / "shared" / "data"))
-OUT = ROOT / "bench" / "results" / "methods" / "finetune.jsonl"
+# v2: data criteria and Torch-Pruning's Taylor score on the full training loader (the one-shot table's batches);
+# v1 (finetune-v1.jsonl, docs/benchmarks.md) scored them on the fine-tuning subset and per-member Taylor squares
+OUT = ROOT / "bench" / "results" / "methods" / "finetune-v2.jsonl"
 CHECKPOINT = "resnet56-4bfd9763.th"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # row -> how it prunes: ("dense",), ("dpruner", prune kwargs), ("tolerance", criterion), ("tp", importance)
@@ -140,12 +144,12 @@ def run_row(row: str, seed: int, args) -> dict:
     else:
         model = copy.deepcopy(original)
         if kind == "dpruner":
-            result = dpruner.prune(model, example, ratio=2.0, seed=seed, data=data.train, val_data=data.val,
+            result = dpruner.prune(model, example, ratio=2.0, seed=seed, data=full.train, val_data=data.val,
                                    data_key=f"bench|{spec}|seed={seed}|subset={args.train_subset}", **spec_row)
             extra = {"target_met": result.target_met, **({"sensitivity": result.sensitivity}
                                                          if result.sensitivity else {})}
         elif kind == "tp":
-            batches = [b for _, b in zip(range(10), data.train)]
+            batches = [b for _, b in zip(range(10), full.train)]
             model, extra = tp_prune(model, example, spec_row, batches)
         prune_s = time.perf_counter() - start
         recalibrate_bn(model, data.train, batches=50)

@@ -71,8 +71,8 @@ def random(view: GroupTensors) -> torch.Tensor:
 
 
 def taylor(view: GroupTensors) -> torch.Tensor:
-    """First-order Taylor importance: (sum over positions of z * dL/dz)^2 per sample, averaged, summed over the
-    group's members (Molchanov et al. 2019). Comparable across groups without per-layer normalisation."""
+    """First-order Taylor importance: (sum over the group's members and positions of z * dL/dz)^2 per sample,
+    averaged (Molchanov et al. 2019; criteria/stats.py says why). Comparable across groups without normalisation."""
     return view.stats["taylor"]
 
 

@@ -3,8 +3,12 @@ channel of every prunable group, the statistics the criteria declare they need (
 
 Where: at the output of each norm layer the group holds (Molchanov et al. 2019 put their gates after BatchNorm), or
 of its producing layers when it has none. What, per channel c of a group, summed over its member positions:
-  taylor      (sum over the sample's spatial/token positions of z * dL/dz)^2, averaged over samples: the squared
-              first-order change of the loss if the channel were zeroed (Molchanov et al., CVPR 2019);
+  taylor      (sum over the group's members and the sample's positions of z * dL/dz)^2, averaged over samples: the
+              squared first-order change of the loss if the channel were zeroed everywhere at once, as removal does
+              (Molchanov et al., CVPR 2019). Members are summed before squaring: a residual channel's members can
+              cancel, and squaring each alone scored ResNet-56's stream 6 points worse after pruning (mean of 10
+              draws of 10 batches, 51.4% vs 45.1%). Squared per sample, not per minibatch (Fisher-style): over the
+              same draws the paper's per-minibatch square ranked no better (43.6%);
   activation  mean of max(z, 0) over samples and positions: the signal a following ReLU passes (APoZ-style;
               mean |z| ranked worse than random on the CIFAR ResNets);
   spectrum    the cumulative shares of variance explained by the principal components of the channels' activations
@@ -106,6 +110,7 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
                 if "taylor" in needs:
                     loss.backward()
             seen += len(y)
+            first_order: dict[int, torch.Tensor] = {}  # group -> (B, channels): z * dL/dz summed over its members
             for name, z in saved:
                 n_pos = probes[name][0][3]
                 axis = channel_dim(graph.modules[name], z)
@@ -122,13 +127,19 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
                 for gid, mine, target, _ in probes[name]:
                     for stat, values in per.items():
                         v = values[:, mine]
-                        contribution = (v ** 2).sum(0) if stat == "taylor" else v.sum(0)
-                        sums[gid][stat].index_add_(0, target, contribution)
+                        if stat == "taylor":
+                            if gid not in first_order:
+                                first_order[gid] = v.new_zeros(len(v), sizes[gid])
+                            first_order[gid].index_add_(1, target, v)
+                        else:
+                            sums[gid][stat].index_add_(0, target, v.sum(0))
                     if rows is not None:  # positions of one channel are summed into it
                         obs = rows.new_zeros(len(rows), sizes[gid]).index_add_(1, target, rows[:, mine])
                         moments[gid][0] += obs.T @ obs
                         moments[gid][1] += obs.sum(0)
                         moments[gid][2] += len(obs)
+            for gid, u in first_order.items():
+                sums[gid]["taylor"] += (u ** 2).sum(0)
     finally:
         for handle in handles:
             handle.remove()

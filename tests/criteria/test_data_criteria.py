@@ -93,6 +93,35 @@ def test_taylor_matches_its_definition_on_one_batch():
     torch.testing.assert_close(stats[_first_group(index).id]["taylor"], expected.float(), rtol=1e-4, atol=1e-8)
 
 
+class Cancel(nn.Module):
+    """Two branches added channel by channel (one coupled group, two BN members); branch b is minus branch a."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv_b, self.bn_b = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc((self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x))).mean((2, 3)))
+
+
+def test_taylor_sums_a_groups_members_before_squaring():
+    """Removing a coupled channel zeroes it in every member at once, so its first-order change is the square of the
+    members' sum: branches that cancel exactly give zero (squared one by one they would not), channel by channel."""
+    torch.manual_seed(0)
+    model = Cancel().eval()
+    with torch.no_grad():
+        model.conv_b.weight.copy_(-model.conv_a.weight)
+        model.conv_b.bias.copy_(-model.conv_a.bias)
+        model.bn_b.bias.copy_(-model.bn_a.bias)
+        model.bn_b.weight[1:] = 2 * model.bn_a.weight[1:]  # channels 1..3 do not cancel
+    graph, index = analyze_groups(model, torch.randn(1, 3, 6, 6))
+    group = next(g for g in index.groups if ("bn_a", "norm", None) in g.slots and ("bn_b", "norm", None) in g.slots)
+    scores = collect_stats(model, graph, index, _data(2), needs=["taylor"], batches=2)[group.id]["taylor"]
+    assert scores[0] < 1e-10 and (scores[1:] > 1e-6).all()
+
+
 def test_collection_leaves_the_model_as_it_was():
     model = Net().train()
     for p in model.fc.parameters():
