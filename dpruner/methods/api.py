@@ -103,9 +103,11 @@ def prune(
     sensitivity_batches: int = 8,
     data_key: str = "",
     ctx=None,
+    criterion: str | None = None,
 ) -> PruneResult:
     """Prune `model` in place so that `target` shrinks by `ratio` (e.g. 2.0: at most half the MACs), or remove
-    `sparsity` (a fraction) of every group's channels. Channels are ranked by `method` (see dpruner.criteria).
+    `sparsity` (a fraction) of every group's channels. Channels are ranked by `criterion` (see dpruner.criteria;
+`method` is its older name, also taking 'pca-gm').
     The final classifier's outputs and the network input are never pruned; `exclude` protects layers by fnmatch
     pattern. Criteria that score on data (taylor, activation) read `score_batches` batches of `data` (an iterable
     of (inputs, labels), e.g. a training loader). `allocation='sensitivity'` spreads the cut by per-group
@@ -114,6 +116,8 @@ def prune(
     (train.distributed.DistContext): data statistics are then summed over ranks, so every rank makes the same
     plan. Returns a PruneResult with the plan (plain data) and measured
     before/after params and MACs."""
+    if criterion is not None:
+        method = criterion
     requested_method = method
     exclude, leaf_modules = tuple(exclude), tuple(leaf_modules)
     if method == "pca-gm":  # seed 001: widths from PCA of the activations, survivors by geometric median

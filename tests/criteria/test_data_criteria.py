@@ -139,7 +139,7 @@ def test_prune_with_a_data_criterion_needs_data_and_uses_it():
     model = Net().eval()
     with torch.no_grad():
         model.conv2.weight[:, 2] = 0
-    result = dpruner.prune(model, torch.randn(1, 3, 6, 6), sparsity=0.25, method="taylor", data=_data())
+    result = dpruner.prune(model, torch.randn(1, 3, 6, 6), sparsity=0.25, criterion="taylor", data=_data())
     assert result.plan["modules"]["conv"]["out"] == [0, 1, 3]  # the channel the loss never sees went
 
 
