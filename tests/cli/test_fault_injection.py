@@ -14,6 +14,7 @@ import torch
 
 import dpruner.io.atomic as atomic
 import dpruner.train.api as train_api
+import dpruner.train.state as train_state
 from tests.cli.conftest import invoke
 from tests.conftest import SAMPLE_MODELS
 
@@ -54,7 +55,8 @@ class Interrupt:
 
         monkeypatch.setattr(atomic, "atomic_write", write)
         monkeypatch.setattr(os, "replace", replace)
-        monkeypatch.setattr(train_api, "remove_state", remove)
+        monkeypatch.setattr(train_api, "remove_state", remove)  # finetune reads it from train.api
+        monkeypatch.setattr(train_state, "remove_state", remove)  # prune --tolerance from train.state
 
 
 def outcome(folder: Path) -> dict[str, str]:
