@@ -14,12 +14,11 @@ Fine-tuned columns (the same budget for every row) are still to come; see docs/b
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import time
 from pathlib import Path
+
+from rows import append_row, finished as finished_rows, read_rows  # bench/rows.py (scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DPRUNER_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -40,12 +39,6 @@ ROWS = {
     "l1 + pca widths": {"method": "l1", "allocation": "pca"},
     "taylor global": {"method": "taylor", "allocation": "global"},
 }
-
-
-def done(path: Path) -> set[tuple]:
-    if not path.is_file():
-        return set()
-    return {(r["model"], r["row"], r["seed"]) for r in map(json.loads, path.read_text().splitlines()) if r}
 
 
 def run_row(model_name: str, row: str, seed: int, recal_batches: int) -> dict:
@@ -69,13 +62,11 @@ def run_row(model_name: str, row: str, seed: int, recal_batches: int) -> dict:
     recalibrate_bn(model, data.train, batches=recal_batches)
     val, test = evaluate(model, data.val), evaluate(model, data.test)
     return {"model": model_name, "row": row, "seed": seed, "ratio": ratio, "val": val.accuracy,
-            "test": test.accuracy, "prune_s": round(prune_s, 1), "recal_batches": recal_batches,
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "dpruner": dpruner.__version__}
+            "test": test.accuracy, "prune_s": round(prune_s, 1), "recal_batches": recal_batches}
 
 
 def table(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    rows = read_rows(path)
     models = sorted({r["model"] for r in rows})
     lines = ["| criterion / allocation | " + " | ".join(f"{m} MACs x | {m} test (val) top-1" for m in models) + " |",
              "|---|" + "---|---|" * len(models)]
@@ -108,15 +99,14 @@ def main() -> None:
         if not (SHARED / "cifar10-jpeg").is_dir():
             raise SystemExit(f"no data at {SHARED}: set DPRUNER_SHARED_DATA")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        finished = done(args.out)
+        finished = finished_rows(args.out, ("model", "row", "seed"))
         for seed in args.seeds:
             for model_name in args.models:
                 for row in args.rows:
                     if (model_name, row, seed) in finished:
                         continue
                     record = run_row(model_name, row, seed, args.recal_batches)
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    append_row(args.out, record)
                     print(f"{model_name:<9} {row:<16} seed {seed}: {record['ratio']['macs']:.2f}x MACs, "
                           f"test {record['test']:.2%}, val {record['val']:.2%} ({record['prune_s']} s)", flush=True)
     print(table(args.out))

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import time
 from pathlib import Path
+
+from rows import append_row, finished as finished_rows, read_rows  # bench/rows.py (scripts run from bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DPRUNER_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -51,12 +50,6 @@ ROWS = {
     "tolerance 1% l1": ("tolerance", "l1"),
     "tolerance 1% taylor": ("tolerance", "taylor"),
 }
-
-
-def done(path: Path) -> set[tuple]:
-    if not path.is_file():
-        return set()
-    return {(r["row"], r["seed"]) for r in map(json.loads, path.read_text().splitlines()) if r}
 
 
 def subset_bundle(bundle, size: int, seed: int):
@@ -165,13 +158,11 @@ def run_row(row: str, seed: int, args) -> dict:
         "prune_s": round(prune_s, 1), "fine_tune_s": None if fine_tune_s is None else round(fine_tune_s, 1),
         "wall_s": round(time.perf_counter() - start, 1), "budget_epochs": args.budget_epochs,
         "train_subset": args.train_subset, **extra,
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
-        "cpus": os.cpu_count(), "torch": torch.__version__, "dpruner": dpruner.__version__,
     }
 
 
 def table(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    rows = read_rows(path)
     lines = ["| row | MACs x | params x | test after pruning (BN recal.) | test after fine-tuning | val after "
              "fine-tuning | wall time (prune + fine-tune) |", "|---|---|---|---|---|---|---|"]
     for name in ROWS:
@@ -202,14 +193,13 @@ def main() -> None:
         if not (SHARED / "cifar10-jpeg").is_dir():
             raise SystemExit(f"no data at {SHARED}: set DPRUNER_SHARED_DATA")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        finished = done(args.out)
+        finished = finished_rows(args.out, ("row", "seed"))
         for seed in args.seeds:
             for row in args.rows:
                 if (row, seed) in finished:
                     continue
                 record = run_row(row, seed, args)
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_row(args.out, record)
                 print(f"{row:<22} seed {seed}: {record['ratio']['macs']:.2f}x MACs, test {record['test']:.2%} "
                       f"(pruned {record['pruned']['test'] if record['pruned'] else float('nan'):.2%}), "
                       f"{record['wall_s']:.0f} s", flush=True)
