@@ -97,8 +97,8 @@ def prune(
 
         config = ToleranceConfig(tolerance=parse_tolerance(tolerance), budget_epochs=budget_epochs,
                                  step_epochs=step_epochs, max_ratio=parse_ratio(max_ratio) if max_ratio else None,
-                                 penalty=penalty, criterion=criterion, score_momentum=score_momentum, max_fraction=max_fraction, round_to=round_to,
-                                 exclude=tuple(exclude or ()))
+                                 penalty=penalty, criterion=criterion, score_momentum=score_momentum,
+                                 max_fraction=max_fraction, round_to=round_to, exclude=tuple(exclude or ()))
     else:
         config = OneShotConfig(ratio=parse_ratio(ratio) if ratio is not None else None, sparsity=sparsity,
                                pca_energy=pca_energy, target=target, criterion=criterion, allocation=allocation,
@@ -182,17 +182,11 @@ def prune(
 def _tolerance_state(model: Path, output: Path, ctx, resume: bool) -> dict:
     """run()'s resume/on_checkpoint hooks for a --tolerance run: its state is saved atomically beside OUTPUT
     after every step (rank 0), and --resume reads it back."""
-    from dpruner.errors import InputError
     from dpruner.io.atomic import atomic_torch_save
-    from dpruner.train.state import load_state, state_path_for
+    from dpruner.train.state import read_resume, state_path_for
 
     state_path = state_path_for(output)
-    state = None
-    if resume:
-        if not state_path.is_file():
-            raise InputError(f"--resume was given but there is no saved state at '{state_path}'; run without "
-                             "--resume to start over.")
-        state = load_state(state_path)
+    state = read_resume(state_path) if resume else None
 
     def save_state(payload: dict) -> None:
         if ctx.is_main:

@@ -2,12 +2,12 @@
 
 Splits: `val` is carved out of the training split (stratified per class, seeded by `seed`) and seen with eval
 transforms only; `test` is the data set's own test split, kept for the final report. With `val_from="test"` the test
-split is halved instead (stratified, seeded): one half is `val`, the other `test`, and the whole training split trains. The same `seed` gives the same
-split and the same train batch order on every run. `val_from` may also be another data spec: validation is then that
-data set's test split (same transforms and normalisation), for a held-out set kept apart from both splits; `DataBundle.set_epoch(e)` makes epoch e's order a function of
-(seed, e) alone, so a resumed run replays it. Augmentation randomness comes from torch's global RNG when
-`workers == 0` (seed it with torch.manual_seed) and from per-worker seeds drawn from a generator seeded by `seed`
-otherwise.
+split is halved instead (stratified, seeded): one half is `val`, the other `test`, and the whole training split
+trains. `val_from` may also be another data spec: validation is then that data set's test split (same transforms and
+normalisation), a held-out set kept apart from both splits. The same `seed` gives the same split and the same train
+batch order on every run; `DataBundle.set_epoch(e)` makes epoch e's order a function of (seed, e) alone, so a
+resumed run replays it. Augmentation randomness comes from torch's global RNG when `workers == 0` (seed it with
+torch.manual_seed) and from per-worker seeds drawn from a generator seeded by `seed` otherwise.
 
 Distributed (`world_size > 1`): train uses a DistributedSampler (padded so every rank takes the same number of
 steps); val and test use `ShardSampler`, which gives rank r the items r::world_size without padding, so metric sums
@@ -232,9 +232,8 @@ def _with_val_from(spec: DataSpec, other: str, opts: _Options) -> DataBundle:
     if held.input_shape and main.input_shape and held.input_shape != main.input_shape:
         raise DataError(f"The validation data '{held.name}' yields images of {held.input_shape}, but '{main.name}' "
                         f"{main.input_shape}.")
-    train_count = len(main.train.dataset) if hasattr(main.train, "dataset") else "?"
-    name = f"{spec} ({train_count} train; validation: test split of {held.name}; {len(main.test.dataset)} test)" \
-        if main.test is not None and hasattr(main.test, "dataset") else f"{main.name}; validation: {held.name}"
+    test_part = f"{len(main.test.dataset)} test" if main.test is not None else "no test split"
+    name = f"{spec} ({len(main.train.dataset)} train; validation: test split of {held.name}; {test_part})"
     return replace(main, val=held.test, name=name)
 
 
@@ -530,8 +529,8 @@ def _class_list(classes: list[str], limit: int = 5) -> str:
 def _load_python(spec: DataSpec, opts: _Options) -> DataBundle:
     """Call the user's FN and check what it returns (the contract is in the module docstring)."""
     if opts.val_from != "train":
-        raise DataError(f"--val-from other than train does not apply to '{spec}': its function returns its own validation "
-                        "loader; have it hold out what you need.")
+        raise DataError(f"--val-from other than train does not apply to '{spec}': its function returns its own "
+                        "validation loader; have it hold out what you need.")
     if opts.mean is not None:
         raise DataError(f"mean and std cannot be applied to the loaders of '{spec}'; normalise inside "
                         f"{spec.file.name} instead.")

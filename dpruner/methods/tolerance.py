@@ -234,7 +234,7 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         memory = {k: v.numpy() for k, v in progress.get("scores", {}).items()}
         record({"action": "resume", "val_accuracy": good_acc, "rate": rate})
 
-    position = resume["progress"]["position"] if resume is not None else 0  # training batches consumed so far
+    position = progress["position"] if resume is not None else 0  # training batches consumed so far
 
     def train_for(net: nn.Module, epochs: float, seed: int, term, description: str) -> float:
         """Fine-tune and continue the data stream where the previous fine-tune stopped."""

@@ -14,8 +14,8 @@ from dpruner.train.config import TrainConfig
 from dpruner.train.distributed import DistContext, barrier
 from dpruner.train.evaluate import EvalResult, check_compatible, evaluate
 from dpruner.train.loop import FitResult, fit
-from dpruner.train.state import (check_state, load_state, make_state, remove_state,  # noqa: F401 (re-exported)
-                                   state_path_for)
+from dpruner.train.state import (check_state, load_state, make_state, read_resume,  # noqa: F401 (re-exported)
+                                   remove_state, state_path_for)
 
 
 
@@ -47,10 +47,7 @@ def finetune(model: nn.Module, data, config: TrainConfig, *, device: torch.devic
 
     start = None
     if resume:
-        if state_path is None or not state_path.is_file():
-            raise InputError(f"--resume was given but there is no saved state at '{state_path}'; run without "
-                             "--resume to start over.")
-        state = load_state(state_path)
+        state = read_resume(state_path)
         start = check_state(state, "finetune", config.to_json(),
                             {"step": int, "total_steps": int, "optimizer": dict, "rng": torch.Tensor}, state_path)
         try:

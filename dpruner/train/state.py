@@ -43,6 +43,14 @@ def load_state(path: Path) -> dict:
                          "without --resume.") from None
 
 
+def read_resume(path: Path) -> dict:
+    """The state `--resume` continues from: the file beside the output, which must exist and be readable."""
+    if path is None or not Path(path).is_file():
+        raise InputError(f"--resume was given but there is no saved state at '{path}'; run without --resume to "
+                         "start over.")
+    return load_state(Path(path))
+
+
 def check_state(state, method: str, config: dict, progress: dict[str, type | tuple], where) -> dict:
     """`state` validated for resuming `method` with `config`; `progress` names the fields (and types) the method
     reads from state["progress"]. Returns state["progress"]. Raises InputError with one sentence otherwise."""
