@@ -216,7 +216,7 @@ def resolve(method: str | None, criterion: str | None, *, tolerance: bool) -> tu
                              "criterion once (--criterion) and the algorithm with --method "
                              f"({', '.join(METHODS)}).")
         method, criterion = None, method
-    name = method or ("tolerance" if tolerance else "one-shot")
+    name = method if method is not None else ("tolerance" if tolerance else "one-shot")
     found = get_method(name)
     if tolerance and "tolerance" not in found.goals:
         raise InputError(f"--method {name} prunes to a --ratio or --sparsity, not to a --tolerance; use "
@@ -228,7 +228,7 @@ def resolve(method: str | None, criterion: str | None, *, tolerance: bool) -> tu
             raise InputError("--method pca-gm keeps the channels nearest the geometric median (fpgm); for PCA "
                              f"widths with --criterion {criterion} use --allocation pca.")
         return name, "fpgm"
-    criterion = criterion or ("l1" if tolerance else "l2")
+    criterion = criterion if criterion is not None else ("l1" if tolerance else "l2")  # "" is a name, and unknown
     if criterion == "pca-gm":
         raise InputError("pca-gm is a method: give --method pca-gm.")
     get_criterion(criterion)  # an unknown name fails here, before any work

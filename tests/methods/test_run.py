@@ -38,6 +38,8 @@ def test_resolve(method, criterion, tolerance, expected):
     (None, "pca-gm", False, "pca-gm is a method"),
     ("bogus", None, False, "Unknown method 'bogus'; choose one of one-shot"),
     (None, "bogus", False, "bogus"),
+    (None, "", False, "Unknown"),  # an empty value is not the default
+    ("", None, False, "Unknown method ''"),
 ])
 def test_resolve_refuses_with_one_sentence(method, criterion, tolerance, message):
     with pytest.raises(InputError, match=message):
