@@ -34,7 +34,8 @@ SHARED = Path(os.environ.get("DPRUNER_SHARED_DATA", ROOT.parent / "shared" / "da
 OUT = ROOT / "bench" / "results" / "methods" / "finetune-v2.jsonl"
 CHECKPOINT = "resnet56-4bfd9763.th"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-# row -> how it prunes: ("dense",), ("dpruner", prune kwargs), ("tolerance", criterion), ("tp", importance)
+# row -> how it prunes: ("dense",), ("dpruner", prune kwargs), ("tolerance", criterion), ("tp", importance),
+# ("modelopt", channel divisor)
 ROWS = {
     "dense": ("dense", None),
     "random": ("dpruner", {"method": "random"}),
@@ -47,6 +48,7 @@ ROWS = {
     "taylor + sensitivity": ("dpruner", {"method": "taylor", "allocation": "sensitivity"}),
     "tp magnitude": ("tp", "magnitude"),
     "tp taylor": ("tp", "taylor"),
+    "modelopt fastnas": ("modelopt", 8),
     "tolerance 1% l1": ("tolerance", "l1"),
     "tolerance 1% taylor": ("tolerance", "taylor"),
 }
@@ -102,6 +104,31 @@ def tp_prune(model, example, kind: str, batches, goal_ratio: float = 2.0):
     return prune_copy(hi), {"fraction": hi, "torch_pruning": tp.__version__}
 
 
+def modelopt_prune(model, example, data, divisor: int, goal_ratio: float = 2.0):
+    """NVIDIA ModelOpt's FastNAS at 1/goal_ratio of the FLOPs: its per-layer sensitivity scan and search score
+    candidates by top-1 on 8 batches of the decision ("val") half, the budget dpruner's sensitivity scans get, and
+    recalibrate BatchNorm on 50 training batches. Channel divisor `divisor` (its default 32 cannot reach 2x on these
+    16-64 channel layers). Like Torch-Pruning, it leaves the option-A (F.pad) residual stream whole."""
+    import tempfile
+
+    import modelopt
+    import modelopt.torch.prune as mtp
+
+    from dpruner.train.evaluate import evaluate
+
+    probe = [b for _, b in zip(range(8), data.val)]
+    config = mtp.config.FastNASConfig()
+    config["nn.Conv2d"]["*"]["channel_divisor"] = divisor
+    config["nn.BatchNorm2d"]["*"]["feature_divisor"] = divisor
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned, _ = mtp.prune(model, mode=[("fastnas", config)],
+                              constraints={"flops": f"{100 / goal_ratio:g}%"}, dummy_input=example,
+                              config={"data_loader": data.train, "max_iter_data_loader": 50,
+                                      "score_func": lambda m: evaluate(m, probe).accuracy,
+                                      "checkpoint": f"{tmp}/search.pth", "verbose": False})
+    return pruned, {"channel_divisor": divisor, "modelopt": modelopt.__version__}
+
+
 def run_row(row: str, seed: int, args) -> dict:
     import torch
 
@@ -144,6 +171,8 @@ def run_row(row: str, seed: int, args) -> dict:
         elif kind == "tp":
             batches = [b for _, b in zip(range(10), full.train)]
             model, extra = tp_prune(model, example, spec_row, batches)
+        elif kind == "modelopt":
+            model, extra = modelopt_prune(model, example, data, spec_row)
         prune_s = time.perf_counter() - start
         recalibrate_bn(model, data.train, batches=50)
         pruned_acc = {"val": evaluate(model, data.val).accuracy, "test": evaluate(model, data.test).accuracy}

@@ -122,6 +122,29 @@ def test_taylor_sums_a_groups_members_before_squaring():
     assert scores[0] < 1e-10 and (scores[1:] > 1e-6).all()
 
 
+def test_activation_ranks_a_channel_several_layers_write_by_its_filters():
+    """A residual-style group (two BN members tied by an add): mean activation summed over the members follows the
+    BN biases, so the channels are ranked by their filters' L2 norm, scaled to the group's mean activation. Here
+    channel 3 has a huge activation (bias) but near-zero filters: it ranks last."""
+    from dpruner.criteria.basic import l2
+    from dpruner.criteria.views import group_tensors
+
+    torch.manual_seed(0)
+    model = Cancel().eval()
+    with torch.no_grad():
+        for conv, bn in ((model.conv_a, model.bn_a), (model.conv_b, model.bn_b)):
+            conv.weight[3] *= 1e-3
+            bn.bias[3] = 10.0
+    graph, index = analyze_groups(model, torch.randn(1, 3, 6, 6))
+    group = next(g for g in index.groups if ("bn_a", "norm", None) in g.slots and ("bn_b", "norm", None) in g.slots)
+    measured = collect_stats(model, graph, index, _data(), needs=["activation"], batches=3)[group.id]["activation"]
+    assert measured.argmax() == 3  # what activation alone would keep first
+    scores = score_groups(model, graph, index, "activation", data=_data())[group.id]
+    assert scores.argmin() == 3
+    view = group_tensors(model, graph, index, group)
+    torch.testing.assert_close(torch.as_tensor(scores).float(), l2(view) * measured.mean())
+
+
 def test_collection_leaves_the_model_as_it_was():
     model = Net().train()
     for p in model.fc.parameters():
