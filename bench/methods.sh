@@ -9,6 +9,6 @@ PY=${PY:-.venv-bench/bin/python}
 $PY bench/methods.py
 # fine-tuned table (ResNet-56, the same budget for every row), most important rows first
 $PY bench/methods_finetune.py --seeds 0 --rows dense random l1 "taylor + sensitivity" "tp magnitude" "tp taylor" \
-  taylor "l1 + sensitivity" fpgm activation pca-gm "tolerance 1% l1" "tolerance 1% taylor"
-# two more seeds for the three rows the comparison rests on (one-shot Taylor varies by about 5 points with the batches)
-$PY bench/methods_finetune.py --seeds 1 2 --rows "taylor + sensitivity" "tp taylor" l1
+  taylor "l1 + sensitivity" fpgm activation pca-gm "tolerance 1% l1" "tolerance 1% taylor" "modelopt fastnas"
+# two more seeds for the rows the comparison rests on: dpruner's best two and the peer's two
+$PY bench/methods_finetune.py --seeds 1 2 --rows "l1 + sensitivity" "taylor + sensitivity" "tp taylor" "tp magnitude"
