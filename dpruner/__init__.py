@@ -27,6 +27,7 @@ _LAZY = {
     "MethodResult": "dpruner.methods.run",
     "OneShotConfig": "dpruner.methods.run",
     "ToleranceConfig": "dpruner.methods.tolerance",
+    "SPPConfig": "dpruner.methods.spp",
     "TrainConfig": "dpruner.train.config",
     "load_data": "dpruner.data.loaders",
     "build_graph": "dpruner.graph.build",

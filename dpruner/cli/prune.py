@@ -34,6 +34,10 @@ def prune(
     resume: Annotated[bool, typer.Option("--resume", help="--tolerance: continue an interrupted run from OUTPUT.resume (saved atomically after every step).")] = False,
     penalty: Annotated[float, typer.Option("--penalty", help="--tolerance: strength of the L1 push on the channels about to be removed before they go (relative to their magnitude; 0: off).")] = 5.0,
     score_momentum: Annotated[float, typer.Option("--score-momentum", help="--tolerance with a data criterion (taylor, activation): each step's scores are averaged with the previous steps' as m * old + (1 - m) * new, so one set of batches does not decide alone (0: off).")] = 0.5,
+    spp_a: Annotated[float, typer.Option("--spp-a", help="--method spp: the largest step of a channel's pruning probability per rank update (A in Wang et al. 2018).")] = 0.05,
+    spp_u: Annotated[float, typer.Option("--spp-u", help="--method spp: the increment at the curve's knee, as a share of A (u; below 0.5).")] = 0.25,
+    spp_interval: Annotated[Optional[int], typer.Option("--spp-interval", help="--method spp: optimizer steps between rank updates of the probabilities (t; the paper's ImageNet runs used 180). Default: the probabilistic phase's steps x A / 6, so it holds 6/A updates.")] = None,
+    spp_fraction: Annotated[float, typer.Option("--spp-fraction", help="--method spp: at most this share of --budget-epochs trains with probabilistic masks; the rest retrains the pruned model.")] = 0.5,
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
     label_smoothing: t.LabelSmoothingOpt = 0.1,
@@ -49,7 +53,7 @@ def prune(
     download: t.DownloadOpt = False,
     quiet: t.QuietOpt = False,
     target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs or params.")] = "macs",
-    method: Annotated[Optional[str], typer.Option("--method", help="Pruning method (the algorithm; `dpruner methods` lists them): one-shot (default; fine-tuned after the cut when --data is given), tolerance (default with --tolerance: Play-and-Prune), pca-gm (with --data: PCA widths + geometric-median survivors, seed 001). A criterion name here (--method l1) still works and means --criterion l1.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Pruning method (the algorithm; `dpruner methods` lists them): one-shot (default; fine-tuned after the cut when --data is given), tolerance (default with --tolerance: Play-and-Prune), pca-gm (with --data: PCA widths + geometric-median survivors, seed 001), spp (with --data and --ratio: structured probabilistic pruning while fine-tuning, seed 004). A criterion name here (--method l1) still works and means --criterion l1.")] = None,
     criterion: Annotated[Optional[str], typer.Option("--criterion", help="What ranks channels: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group), global (one threshold over normalised scores), pca (with --data: each group keeps the width whose principal components explain the needed share of its activations' variance; seed 001), or sensitivity (with --data: each group's cut chosen from its measured sensitivity curve for the least predicted loss at the target; see analyze --sensitivity).")] = "uniform",
     sensitivity_batches: t.SensitivityBatchesOpt = 8,
@@ -99,6 +103,14 @@ def prune(
                                  step_epochs=step_epochs, max_ratio=parse_ratio(max_ratio) if max_ratio else None,
                                  penalty=penalty, criterion=criterion, score_momentum=score_momentum,
                                  max_fraction=max_fraction, round_to=round_to, exclude=tuple(exclude or ()))
+    elif method == "spp":
+        from dpruner.methods.spp import SPPConfig
+
+        if ratio is None or data is None:
+            raise InputError("--method spp learns which channels go while fine-tuning: give --ratio and --data.")
+        config = SPPConfig(ratio=parse_ratio(ratio), target=target, criterion=criterion, allocation=allocation,
+                           exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
+                           A=spp_a, u=spp_u, interval=spp_interval, prune_fraction=spp_fraction)
     else:
         config = OneShotConfig(ratio=parse_ratio(ratio) if ratio is not None else None, sparsity=sparsity,
                                pca_energy=pca_energy, target=target, criterion=criterion, allocation=allocation,

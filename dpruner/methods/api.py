@@ -77,7 +77,7 @@ def score_groups(model: nn.Module, graph: DependencyGraph, index: ChannelIndex, 
             generator = torch.Generator().manual_seed(seed * 1_000_003 + group.id)
             view = group_tensors(model, graph, index, group, generator)
             view.stats = stats.get(group.id, {})
-            scores[group.id] = criterion(view).detach().double().numpy()
+            scores[group.id] = criterion(view).detach().double().cpu().numpy()
     return scores
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dpruner.errors import InputError
+from dpruner.methods.spp import SPPConfig
 from dpruner.methods.tolerance import ToleranceConfig, to_json_history
 from dpruner.train.distributed import DistContext
 
@@ -180,6 +181,13 @@ def _tolerance(model, example, config: ToleranceConfig, env: RunEnv) -> MethodRe
                         details={"tolerance": config.tolerance})
 
 
+def _spp(model, example, config, env: RunEnv) -> MethodResult:
+    """Seed 004: structured probabilistic pruning (methods.spp)."""
+    from dpruner.methods.spp import run_spp
+
+    return run_spp(model, example, config, env)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("one-shot", "score every group, plan to the target (MACs or params), cut once; with --data, then "
            "fine-tune for --budget-epochs (distilling from the original)",
@@ -191,6 +199,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("tolerance", "Play-and-Prune: prune, fine-tune with an L1 push, measure, adapt the rate until accuracy "
            "would drop past the tolerance", "--tolerance 1% --data", frozenset({"tolerance"}),
            frozenset({"data", "training"}), ToleranceConfig, _tolerance),
+    Method("spp", "seed 004: structured probabilistic pruning: per-channel pruning probabilities moved by rank "
+           "every --spp-interval steps, Bernoulli masks while fine-tuning, p = 1 removes; then retrain",
+           "--method spp --ratio 2x --data", frozenset({"ratio"}), frozenset({"data", "training"}), SPPConfig,
+           _spp),
 )}
 
 
@@ -228,7 +240,8 @@ def resolve(method: str | None, criterion: str | None, *, tolerance: bool) -> tu
             raise InputError("--method pca-gm keeps the channels nearest the geometric median (fpgm); for PCA "
                              f"widths with --criterion {criterion} use --allocation pca.")
         return name, "fpgm"
-    criterion = criterion if criterion is not None else ("l1" if tolerance else "l2")  # "" is a name, and unknown
+    criterion = criterion if criterion is not None else ("l1" if tolerance or name == "spp" else "l2")  # "" is a
+    # name, and unknown
     if criterion == "pca-gm":
         raise InputError("pca-gm is a method: give --method pca-gm.")
     get_criterion(criterion)  # an unknown name fails here, before any work

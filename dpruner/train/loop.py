@@ -54,6 +54,11 @@ class Callback:
     def after_step(self, model: nn.Module, step: int) -> None:
         """After optimizer.step() (e.g. put masked weights back to zero: momentum and weight decay moved them)."""
 
+    def should_stop(self, model: nn.Module, step: int) -> bool:
+        """After step `step`: True ends training early (a method that reached its goal). Under torchrun every rank
+        must answer the same, so decide from state all ranks share (weights, seeded draws), never from local data."""
+        return False
+
 
 class Penalty(Callback):
     """A loss term `fn(model)` (the tolerance controller's L1 push on the channels about to go)."""
@@ -140,6 +145,7 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and cuda else nullcontext()
     loss_sum = correct = seen = 0.0
+    stopped = False
     began = time.perf_counter()
     model.train()
     with progress_bar(description, total, progress_enabled(config.quiet, ctx.is_main)) as update:
@@ -188,8 +194,12 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
                 correct += float((logits.argmax(1) == y).sum())
                 seen += len(y)
                 update(loss=loss_sum / seen, acc=correct / seen)
-                if step >= total:
+                if any([callback.should_stop(model, step - 1) for callback in callbacks]):
+                    stopped = True
+                if step >= total or stopped:
                     break
+            if stopped:
+                break
             if on_epoch_end is not None and (position + step) % steps_per_epoch == 0 and step < total:
                 on_epoch_end({"step": step, "total_steps": total, "optimizer": optimizer.state_dict(),
                               "rng": torch.get_rng_state()})
@@ -202,5 +212,5 @@ def fit(model: nn.Module, data, config: TrainConfig, *, device: torch.device | s
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     model.eval()
-    return FitResult(total / steps_per_epoch, total, loss_sum / max(seen, 1), correct / max(seen, 1),
+    return FitResult(step / steps_per_epoch, step, loss_sum / max(seen, 1), correct / max(seen, 1),
                      time.perf_counter() - began)

@@ -88,6 +88,20 @@ def test_ratio_with_data_fine_tunes_after_pruning(tmp_path):
     assert doc["after"]["test_accuracy"] > 0.8
 
 
+def test_spp_from_the_shell_writes_a_plain_pruned_model(tmp_path):
+    out = tmp_path / "spp.pt"
+    proc = dp("prune", VGG, "--data", "digits", "--method", "spp", "--ratio", "2x", "--spp-a", "0.3",
+              "--budget-epochs", "2", "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["method"] == "spp" and doc["criterion"] == "l1" and doc["ratio"]["macs"] == pytest.approx(2.0, rel=0.05)
+    assert doc["spp"]["rank_updates"] > 1 and doc["spp"]["pruned_channels"] > 0 and doc["after"]["test_accuracy"] > 0.8
+    loaded = dpruner.load_checkpoint(out)
+    assert dpruner.count_macs(loaded.model, torch.randn(1, 1, 8, 8)).total == doc["after"]["macs"]
+    assert loaded.meta["pruned"]["method"] == "spp"
+    assert set(loaded.model.state_dict()) == set(dpruner.load_model(VGG).state_dict())  # nothing added
+
+
 @pytest.mark.parametrize("args, message", [
     (["prune", VGG, "--tolerance", "1%", "-o", "x.pt"], "needs --data"),
     (["prune", VGG, "--tolerance", "150%", "--data", "digits", "-o", "x.pt"], "--tolerance"),
@@ -103,6 +117,10 @@ def test_ratio_with_data_fine_tunes_after_pruning(tmp_path):
     (["prune", VGG, "--ratio", "2x", "--method", "tolerance", "-o", "y.pt"], "give --tolerance"),
     (["prune", VGG, "--ratio", "2x", "--criterion", "nosuch", "-o", "y.pt"], "nosuch"),
     (["prune", VGG, "--ratio", "2x", "--allocation", "sensitivity", "-o", "y.pt"], "give --data"),
+    (["prune", VGG, "--ratio", "2x", "--method", "spp", "-o", "y.pt"], "give --ratio and --data"),
+    (["prune", VGG, "--ratio", "2x", "--method", "spp", "--data", "digits", "--spp-u", "0.7", "-o", "y.pt"],
+     "--spp-u"),
+    (["prune", VGG, "--tolerance", "1%", "--method", "spp", "--data", "digits", "-o", "y.pt"], "not to a --tolerance"),
     (["analyze", VGG, "--sensitivity"], "give --data"),
     (["analyze", VGG, "--data", "digits", "--plot", "p.png"], "add --sensitivity"),
     (["analyze", VGG, "--data", "digits", "--sensitivity", "--criterion", "nosuch"], "nosuch"),
