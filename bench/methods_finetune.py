@@ -35,7 +35,7 @@ OUT = ROOT / "bench" / "results" / "methods" / "finetune-v2.jsonl"
 CHECKPOINT = "resnet56-4bfd9763.th"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # row -> how it prunes: ("dense",), ("dpruner", prune kwargs), ("tolerance", criterion), ("tp", importance),
-# ("modelopt", channel divisor)
+# ("modelopt", channel divisor), ("spp", SPPConfig settings: learned while fine-tuning within the same budget)
 ROWS = {
     "dense": ("dense", None),
     "random": ("dpruner", {"method": "random"}),
@@ -49,6 +49,8 @@ ROWS = {
     "tp magnitude": ("tp", "magnitude"),
     "tp taylor": ("tp", "taylor"),
     "modelopt fastnas": ("modelopt", 8),
+    "spp": ("spp", {}),
+    "spp A=0.2": ("spp", {"A": 0.2}),
     "tolerance 1% l1": ("tolerance", "l1"),
     "tolerance 1% taylor": ("tolerance", "taylor"),
 }
@@ -163,6 +165,15 @@ def run_row(row: str, seed: int, args) -> dict:
         extra = {"steps": len(result.history), "met": result.met, "epochs_used": result.epochs_used}
         prune_s = time.perf_counter() - start
         pruned_acc = None  # the controller interleaves pruning and fine-tuning
+    elif kind == "spp":
+        from dpruner.methods.run import run
+        from dpruner.methods.spp import SPPConfig
+
+        result = run("spp", original, example, SPPConfig(ratio=2.0, seed=seed, **spec_row), data=data, train=config)
+        model = result.model
+        extra = {"spp": result.details["spp"], "target_met": result.target_met}
+        prune_s = time.perf_counter() - start
+        pruned_acc = None  # masks are learned while fine-tuning
     else:
         model = copy.deepcopy(original)
         if kind == "dpruner":
