@@ -28,6 +28,7 @@ _LAZY = {
     "OneShotConfig": "dpruner.methods.run",
     "ToleranceConfig": "dpruner.methods.tolerance",
     "SPPConfig": "dpruner.methods.spp",
+    "GateConfig": "dpruner.methods.gate",
     "TrainConfig": "dpruner.train.config",
     "load_data": "dpruner.data.loaders",
     "build_graph": "dpruner.graph.build",

@@ -38,6 +38,10 @@ def prune(
     spp_u: Annotated[float, typer.Option("--spp-u", help="--method spp: the increment at the curve's knee, as a share of A (u; below 0.5).")] = 0.25,
     spp_interval: Annotated[Optional[int], typer.Option("--spp-interval", help="--method spp: optimizer steps between rank updates of the probabilities (t; the paper's ImageNet runs used 180). Default: the probabilistic phase's steps x A / 6, so it holds 6/A updates.")] = None,
     spp_fraction: Annotated[float, typer.Option("--spp-fraction", help="--method spp: at most this share of --budget-epochs trains with probabilistic masks; the rest retrains the pruned model.")] = 0.5,
+    gate_sparsity: Annotated[float, typer.Option("--gate-sparsity", help="--method gate: weight of each group's mean score in the loss (pushes scores down).")] = 2.0,
+    gate_binary: Annotated[float, typer.Option("--gate-binary", help="--method gate: weight of each group's mean s(1-s) in the loss (pushes scores to 0 or 1).")] = 0.1,
+    gate_threshold: Annotated[float, typer.Option("--gate-threshold", help="--method gate: channels whose mean score over an interval is below this are removed.")] = 0.1,
+    gate_every: Annotated[float, typer.Option("--gate-every", help="--method gate: epochs between removals (fractions allowed).")] = 1.0,
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
     label_smoothing: t.LabelSmoothingOpt = 0.1,
@@ -53,7 +57,7 @@ def prune(
     download: t.DownloadOpt = False,
     quiet: t.QuietOpt = False,
     target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs or params.")] = "macs",
-    method: Annotated[Optional[str], typer.Option("--method", help="Pruning method (the algorithm; `dpruner methods` lists them): one-shot (default; fine-tuned after the cut when --data is given), tolerance (default with --tolerance: Play-and-Prune), pca-gm (with --data: PCA widths + geometric-median survivors, seed 001), spp (with --data and --ratio: structured probabilistic pruning while fine-tuning, seed 004). A criterion name here (--method l1) still works and means --criterion l1.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Pruning method (the algorithm; `dpruner methods` lists them): one-shot (default; fine-tuned after the cut when --data is given), tolerance (default with --tolerance: Play-and-Prune), pca-gm (with --data: PCA widths + geometric-median survivors, seed 001), spp (with --data and --ratio: structured probabilistic pruning while fine-tuning, seed 004), gate (with --data and --ratio and/or --tolerance: D-Pruner's embedded scorer networks, seed 000). A criterion name here (--method l1) still works and means --criterion l1.")] = None,
     criterion: Annotated[Optional[str], typer.Option("--criterion", help="What ranks channels: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group), global (one threshold over normalised scores), pca (with --data: each group keeps the width whose principal components explain the needed share of its activations' variance; seed 001), or sensitivity (with --data: each group's cut chosen from its measured sensitivity curve for the least predicted loss at the target; see analyze --sensitivity).")] = "uniform",
     sensitivity_batches: t.SensitivityBatchesOpt = 8,
@@ -86,7 +90,8 @@ def prune(
     check_output_path(output)
     check_not_input(output, [model])
     check_not_input(state_path_for(output), [model])  # a resumable run's state lives beside the output
-    if tolerance is not None and (ratio is not None or sparsity is not None or pca_energy is not None):
+    if tolerance is not None and method != "gate" and (ratio is not None or sparsity is not None or
+                                                      pca_energy is not None):
         raise InputError("Give one of --ratio, --sparsity and --tolerance.")
     if tolerance is not None and data is None:
         raise InputError("--tolerance needs --data: accuracy is measured on its validation split.")
@@ -96,7 +101,22 @@ def prune(
     err = stderr_console()
     method, criterion = resolve(method, criterion, tolerance=tolerance is not None)
     train = None
-    if tolerance is not None:
+    if method == "gate":
+        from dpruner.methods.gate import GateConfig
+        from dpruner.methods.tolerance import parse_tolerance
+
+        if data is None:
+            raise InputError("--method gate learns which channels go while fine-tuning: give --data.")
+        if resume:
+            raise InputError("--method gate runs cannot be resumed yet; run without --resume.")
+        if sparsity is not None or pca_energy is not None:
+            raise InputError("--method gate prunes to a --ratio and/or a --tolerance.")
+        config = GateConfig(ratio=parse_ratio(ratio) if ratio is not None else None,
+                            tolerance=parse_tolerance(tolerance) if tolerance is not None else None, target=target,
+                            exclude=tuple(exclude or ()), max_fraction=max_fraction, seed=seed,
+                            sparsity_weight=gate_sparsity, binary_weight=gate_binary, threshold=gate_threshold,
+                            prune_every=gate_every)
+    elif tolerance is not None:
         from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance
 
         config = ToleranceConfig(tolerance=parse_tolerance(tolerance), budget_epochs=budget_epochs,
@@ -149,7 +169,7 @@ def prune(
                                mean=mean, std=std, augment=augment)
         log = (lambda message: err.print(f"[dim]{message}[/dim]", soft_wrap=True)) if ctx.is_main and not quiet \
             else (lambda m: None)
-        state_hooks = _tolerance_state(model, output, ctx, resume) if tolerance is not None else {}
+        state_hooks = _tolerance_state(model, output, ctx, resume) if method == "tolerance" else {}
         document.update({"data": bundle.name, "device": str(dev), "world_size": ctx.world_size})
         result = run(method, loaded.model, example, config, data=bundle, train=train, device=dev, ctx=ctx,
                      distill=distill, leaf_modules=leaves, log=log, **state_hooks)
@@ -180,7 +200,10 @@ def prune(
     else:
         render(document)
     if not result.target_met:
-        if tolerance is not None:
+        if result.method == "gate":
+            print_error("the gates did not reach the goal (--ratio within --tolerance) in --budget-epochs, so nothing "
+                        "was written; allow more epochs, a larger --tolerance or a stronger --gate-sparsity.")
+        elif tolerance is not None:
             print_error("even the first pruning step lost more accuracy than --tolerance allows, so nothing was "
                         "written; allow a larger --tolerance or more fine-tuning per step (--step-epochs).")
         elif data is None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dpruner.errors import InputError
+from dpruner.methods.gate import GateConfig
 from dpruner.methods.spp import SPPConfig
 from dpruner.methods.tolerance import ToleranceConfig, to_json_history
 from dpruner.train.distributed import DistContext
@@ -188,6 +189,13 @@ def _spp(model, example, config, env: RunEnv) -> MethodResult:
     return run_spp(model, example, config, env)
 
 
+def _gate(model, example, config, env: RunEnv) -> MethodResult:
+    """Seed 000: D-Pruner's embedded scorer networks (methods.gate)."""
+    from dpruner.methods.gate import run_gate
+
+    return run_gate(model, example, config, env)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("one-shot", "score every group, plan to the target (MACs or params), cut once; with --data, then "
            "fine-tune for --budget-epochs (distilling from the original)",
@@ -203,6 +211,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "every --spp-interval steps, Bernoulli masks while fine-tuning, p = 1 removes; then retrain",
            "--method spp --ratio 2x --data", frozenset({"ratio"}), frozenset({"data", "training"}), SPPConfig,
            _spp),
+    Method("gate", "seed 000 (D-Pruner): a small scorer network per group gates its channels while fine-tuning; "
+           "low-scored channels are removed every --gate-every epochs until the ratio or tolerance, scores folded",
+           "--method gate --ratio 3x | --tolerance 1% --data", frozenset({"ratio", "tolerance"}),
+           frozenset({"data", "training"}), GateConfig, _gate),
 )}
 
 
@@ -235,6 +247,11 @@ def resolve(method: str | None, criterion: str | None, *, tolerance: bool) -> tu
                          "--method tolerance (the default with --tolerance).")
     if not tolerance and found.goals == {"tolerance"}:
         raise InputError(f"--method {name} prunes to an accuracy tolerance: give --tolerance (e.g. 1%).")
+    if name == "gate":
+        if criterion not in (None, "gate"):
+            raise InputError(f"--method gate scores channels with its own scorer networks; drop --criterion "
+                             f"{criterion}.")
+        return name, "gate"
     if name == "pca-gm":
         if criterion not in (None, "fpgm", "pca-gm"):
             raise InputError("--method pca-gm keeps the channels nearest the geometric median (fpgm); for PCA "

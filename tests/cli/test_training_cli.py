@@ -102,6 +102,31 @@ def test_spp_from_the_shell_writes_a_plain_pruned_model(tmp_path):
     assert set(loaded.model.state_dict()) == set(dpruner.load_model(VGG).state_dict())  # nothing added
 
 
+def test_gate_from_the_shell_writes_a_plain_model_at_the_ratio(tmp_path):
+    out = tmp_path / "gate.pt"
+    proc = dp("prune", VGG, "--data", "digits", "--method", "gate", "--ratio", "2x", "--gate-every", "0.5",
+              "--budget-epochs", "3", "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["method"] == "gate" and doc["target_met"] and doc["ratio"]["macs"] >= 1.9
+    assert {"removed", "forced", "action"} <= set(doc["history"][0]) and doc["after"]["test_accuracy"] > 0.8
+    loaded = dpruner.load_checkpoint(out)
+    assert dpruner.count_macs(loaded.model, torch.randn(1, 1, 8, 8)).total == doc["after"]["macs"]
+    assert set(loaded.model.state_dict()) == set(dpruner.load_model(VGG).state_dict())  # no scorers left
+
+
+def test_gate_with_a_tolerance_it_cannot_keep_writes_nothing(tmp_path):
+    """11 training batches per epoch are too few for the gates to decide: the last interval forces the ratio,
+    validation falls past 2%, the step is rolled back, exit 1 and no file."""
+    out = tmp_path / "gate.pt"
+    proc = dp("prune", VGG, "--data", "digits", "--method", "gate", "--ratio", "2x", "--tolerance", "2%",
+              "--gate-every", "0.5", "--budget-epochs", "4", "-o", str(out), "--json")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert not doc["target_met"] and doc["gate"]["stopped_by"] == "tolerance" and not out.exists()
+    assert doc["history"][-1]["action"] == "rolled back" and "the gates did not reach the goal" in proc.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["prune", VGG, "--tolerance", "1%", "-o", "x.pt"], "needs --data"),
     (["prune", VGG, "--tolerance", "150%", "--data", "digits", "-o", "x.pt"], "--tolerance"),
@@ -121,6 +146,12 @@ def test_spp_from_the_shell_writes_a_plain_pruned_model(tmp_path):
     (["prune", VGG, "--ratio", "2x", "--method", "spp", "--data", "digits", "--spp-u", "0.7", "-o", "y.pt"],
      "--spp-u"),
     (["prune", VGG, "--tolerance", "1%", "--method", "spp", "--data", "digits", "-o", "y.pt"], "not to a --tolerance"),
+    (["prune", VGG, "--ratio", "2x", "--method", "gate", "-o", "y.pt"], "give --data"),
+    (["prune", VGG, "--method", "gate", "--data", "digits", "-o", "y.pt"], "needs a goal"),
+    (["prune", VGG, "--ratio", "2x", "--method", "gate", "--criterion", "l1", "--data", "digits", "-o", "y.pt"],
+     "own scorer"),
+    (["prune", VGG, "--ratio", "2x", "--method", "gate", "--data", "digits", "--gate-threshold", "2", "-o", "y.pt"],
+     "--gate-threshold"),
     (["analyze", VGG, "--sensitivity"], "give --data"),
     (["analyze", VGG, "--data", "digits", "--plot", "p.png"], "add --sensitivity"),
     (["analyze", VGG, "--data", "digits", "--sensitivity", "--criterion", "nosuch"], "nosuch"),

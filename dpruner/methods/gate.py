@@ -1,0 +1,378 @@
+"""D-Pruner (Huynh, Lee and Balan, EMDL 2018; seed 000): a small scorer network embedded in the model rates every
+channel while the network fine-tunes, and the channels it keeps rating low are removed.
+
+[reading] (the paper's full text was not available here; every choice below is an option or stated in the docs):
+- one scorer per prunable channel group (coupled channels share one gate): an MLP C -> max(4, C/8) -> C with a
+  sigmoid, whose input is the batch- and space-averaged |z| of the group's norm outputs (the mean of z itself is
+  BatchNorm's beta in training mode, a constant); its output s in (0, 1)^C multiplies the norm layer's output (after
+  the norm, before the activation: a gate before the norm would be normalised away). Groups without a norm layer
+  gate the producing layer's output. The scorer's input is detached: it reads the network, it does not train it.
+- loss = task loss + sum over groups of [sparsity_weight * mean(s) + binary_weight * mean(s (1 - s))] (the second
+  pushes scores to 0 or 1). The scorers train with their own learning rate (`scorer_lr`, no weight decay). Defaults
+  (2.0, 0.1, 0.5) were picked on the digits sample model so that scores separate within a few epochs: with equal
+  weights the binarisation term holds scores starting near 1 where they are, and nothing is removed.
+- every `prune_every` epochs the channels whose mean score over those epochs is below `threshold` go (lowest first,
+  never past the goal or a group's --max-fraction); the surviving channels' mean scores are folded into the norm
+  layer (gamma *= s, beta *= s) or the producer's weights and bias: exact, since the gate is linear after them.
+- stop at the --ratio (MACs or params) or, with a tolerance, before validation accuracy drops past it; a ratio not
+  reached by the last gating interval is met there by removing the lowest-scored channels regardless of the
+  threshold (counted as forced). Scorers are dropped and the rest of the budget fine-tunes the plain model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpruner.errors import InputError
+from dpruner.train.loop import Callback
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Settings of `--method gate`: the goal (`ratio` of `target`, and/or `tolerance` of validation accuracy),
+    the loss strengths, the removal threshold and cadence, and the share of the budget kept for the final
+    fine-tune."""
+
+    ratio: float | None = None
+    tolerance: float | None = None
+    target: str = "macs"
+    exclude: tuple[str, ...] = ()
+    max_fraction: float = 0.9
+    seed: int = 0
+    sparsity_weight: float = 2.0
+    binary_weight: float = 0.1
+    threshold: float = 0.1
+    prune_every: float = 1.0
+    final_fraction: float = 0.2
+    hidden_divisor: int = 8
+    scorer_lr: float = 0.5
+    initial_score: float = 0.95
+
+    def __post_init__(self):
+        from dpruner import validate
+
+        if self.ratio is None and self.tolerance is None:
+            raise InputError("--method gate needs a goal: --ratio, --tolerance, or both.")
+        if self.ratio is not None and not (self.ratio > 1 and math.isfinite(self.ratio)):
+            raise InputError(f"--ratio must be a finite number greater than 1 (e.g. 2x), got {self.ratio:g}.")
+        validate.number(self.sparsity_weight, "--gate-sparsity", low=0, high=1e3)
+        validate.number(self.binary_weight, "--gate-binary", low=0, high=1e3)
+        validate.number(self.threshold, "--gate-threshold", low=0, low_open=True, high=1, high_open=True)
+        validate.number(self.prune_every, "--gate-every", low=0, low_open=True, high=validate.MAX_EPOCHS)
+        validate.number(self.final_fraction, "final_fraction", low=0, high=1, high_open=True)
+
+
+def _scorer(n: int, divisor: int, initial: float) -> nn.Sequential:
+    """C -> max(4, C/divisor) -> C, sigmoid; starts at `initial` for every channel (last layer zero, bias logit)."""
+    hidden = max(4, n // divisor)
+    net = nn.Sequential(nn.Linear(n, hidden), nn.ReLU(), nn.Linear(hidden, n), nn.Sigmoid())
+    nn.init.zeros_(net[2].weight)
+    nn.init.constant_(net[2].bias, math.log(initial / (1 - initial)))
+    return net
+
+
+def _channel_dim(module: nn.Module, z: torch.Tensor) -> int:
+    return z.dim() - 1 if isinstance(module, (nn.Linear, nn.LayerNorm)) or z.dim() < 2 else 1
+
+
+def _members(graph, index, group) -> list[tuple]:
+    """The slots a group's gate multiplies: its norm layers' outputs, else its producers'. Empty when the gate
+    could not be folded exactly (a norm without affine weight and bias)."""
+    norms = [k for k in group.slots if graph.slots[k].role == "norm"]
+    for key in norms:
+        module = graph.modules.get(key[0])
+        if module is None or getattr(module, "weight", None) is None or getattr(module, "bias", None) is None:
+            return []
+    if norms:
+        return norms
+    outs = [k for k in group.slots if graph.slots[k].role == "out"]
+    for key in outs:
+        module = graph.modules.get(key[0])
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or \
+                isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return []
+    return outs
+
+
+class Gates:
+    """Scorer networks attached to a model: a submodule `_dpruner_gates` (so fit's optimizer and DDP see the
+    scorers' parameters) and forward hooks on the gated layers. `detach()` leaves the plain model."""
+
+    NAME = "_dpruner_gates"
+
+    def __init__(self, model: nn.Module, graph, index, config: GateConfig):
+        self.model, self.graph, self.index = model, graph, index
+        self.sizes: dict[int, int] = {}
+        probes: dict[str, list] = {}
+        for group in index.groups:
+            if not group.prunable:
+                continue
+            members = _members(graph, index, group)
+            if not members:
+                continue
+            self.sizes[group.id] = len(group.channels)
+            rank = np.full(len(index.roots), -1, dtype=np.int64)
+            rank[index.roots.searchsorted(group.channels)] = np.arange(len(group.channels))
+            for key in members:
+                of_position = rank[index.slot_classes[key]]
+                mine = np.nonzero(of_position >= 0)[0]
+                probes.setdefault(key[0], []).append(
+                    (group.id, torch.as_tensor(mine), torch.as_tensor(of_position[mine]), len(of_position)))
+        self.members = probes
+        self.scorers = nn.ModuleDict({str(g): _scorer(n, config.hidden_divisor, config.initial_score)
+                                      for g, n in sorted(self.sizes.items())})
+        self.cache: dict[int, torch.Tensor] = {}
+        self.constant: dict[int, torch.Tensor] | None = None  # fixed scores (folding checks); None: the scorers
+        model.add_module(self.NAME, self.scorers)
+        self.handles = [model.register_forward_pre_hook(lambda m, args: self.cache.clear())]
+        for name in probes:
+            self.handles.append(graph.modules[name].register_forward_hook(self._hook(name)))
+
+    def _score(self, gid: int, z: torch.Tensor, axis: int, mine, target, n_pos) -> torch.Tensor:
+        if self.constant is not None:
+            return self.constant[gid].to(z.device, z.dtype)
+        flat = z.detach().abs().movedim(axis, -1).reshape(-1, n_pos)[:, mine.to(z.device)].float().mean(0)
+        feature = flat.new_zeros(self.sizes[gid]).index_add_(0, target.to(z.device), flat)
+        return self.scorers[str(gid)](feature)
+
+    def _hook(self, name: str):
+        def fn(module, inputs, z):
+            if not isinstance(z, torch.Tensor):
+                return z
+            axis = _channel_dim(module, z)
+            factor = None
+            for gid, mine, target, n_pos in self.members[name]:
+                if gid not in self.cache:
+                    self.cache[gid] = self._score(gid, z, axis, mine, target, n_pos)
+                if factor is None:
+                    factor = torch.ones(n_pos, device=z.device, dtype=torch.float32)
+                factor = factor.index_put((mine.to(z.device),), self.cache[gid][target.to(z.device)].float())
+            shape = [1] * z.dim()
+            shape[axis] = factor.numel()
+            return z * factor.to(z.dtype).view(shape)
+        return fn
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if hasattr(self.model, self.NAME):
+            delattr(self.model, self.NAME)
+        self.handles, self.cache = [], {}
+
+
+def fold(model: nn.Module, graph, index, scores: dict[int, np.ndarray]) -> None:
+    """Multiply each gated group's channels by its score, folded into the gated layers' parameters (norm: gamma and
+    beta; producer without a norm: weight rows and bias), so the plain model computes what the gated one did with
+    constant scores."""
+    with torch.no_grad():
+        for group in index.groups:
+            if group.id not in scores:
+                continue
+            s = torch.as_tensor(scores[group.id], dtype=torch.float64)
+            rank = np.full(len(index.roots), -1, dtype=np.int64)
+            rank[index.roots.searchsorted(group.channels)] = np.arange(len(group.channels))
+            for key in _members(graph, index, group):
+                of_position = rank[index.slot_classes[key]]
+                mine = np.nonzero(of_position >= 0)[0]
+                module = graph.modules[key[0]]
+                factor = s[torch.as_tensor(of_position[mine])]
+                idx = torch.as_tensor(mine)
+                for param in (module.weight, getattr(module, "bias", None)):
+                    if param is None:
+                        continue
+                    shape = [-1] + [1] * (param.dim() - 1)
+                    rows = param.index_select(0, idx)
+                    param.index_copy_(0, idx, (rows.double() * factor.view(shape)).to(param.dtype))
+
+
+class GateTraining(Callback):
+    """fit() callback: adds the sparsity and binarisation terms of this step's scores and accumulates each group's
+    mean score over the interval (summed over torchrun ranks when read)."""
+
+    def __init__(self, gates: Gates, config: GateConfig):
+        self.gates, self.config = gates, config
+        self.sums = {g: torch.zeros(n, dtype=torch.float64) for g, n in gates.sizes.items()}
+        self.count = 0
+
+    def param_groups(self, model: nn.Module, groups: list[dict]) -> list[dict]:
+        """The scorers train in their own group: learning rate `scorer_lr`, no weight decay (fit's default groups
+        would give them the network's fine-tuning rate, far too slow for a gate to decide within a budget)."""
+        mine = {id(p) for p in self.gates.scorers.parameters()}
+        out = [{**g, "params": [p for p in g["params"] if id(p) not in mine]} for g in groups]
+        out = [g for g in out if g["params"]]
+        return out + [{"params": list(self.gates.scorers.parameters()), "lr": self.config.scorer_lr,
+                       "weight_decay": 0.0}]
+
+    def loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        if not self.gates.cache:
+            return None
+        for gid, s in self.gates.cache.items():
+            self.sums[gid] += s.detach().double().cpu()
+        self.count += 1
+        terms = [self.config.sparsity_weight * s.mean() + self.config.binary_weight * (s * (1 - s)).mean()
+                 for _, s in sorted(self.gates.cache.items())]
+        return torch.stack(terms).sum()  # per group: a group's weight does not grow with its width
+
+    def means(self, ctx, device) -> dict[int, np.ndarray]:
+        """Mean score of every channel over the steps seen (the same on every rank)."""
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            for gid in sorted(self.sums):
+                t = self.sums[gid].to(device)
+                dist.all_reduce(t)
+                self.sums[gid] = t.cpu()
+            from dpruner.train.distributed import sum_across
+
+            count = sum_across([float(self.count)], ctx, device)[0]
+        else:
+            count = float(self.count)
+        return {g: (v / max(count, 1.0)).numpy() for g, v in self.sums.items()}
+
+
+def choose(index, means: dict[int, np.ndarray], cost, goal: float | None, which: int, threshold: float | None,
+           max_fraction: float) -> np.ndarray:
+    """Flags (per dense class) of the channels to remove: ascending mean score, only below `threshold` (None: any),
+    never more than `max_fraction` of a group (at least one channel stays), and stopping once the estimated
+    target is at most `goal` (None: no goal)."""
+    removed = np.zeros(len(index.roots), dtype=bool)
+    candidates = []
+    for group in index.groups:
+        s = means.get(group.id)
+        if s is None:
+            continue
+        for i in np.argsort(s, kind="stable"):
+            if threshold is None or s[i] < threshold:
+                candidates.append((float(s[i]), group.id, int(i)))
+    candidates.sort()
+    taken: dict[int, int] = {}
+    sizes = {g.id: len(g.channels) for g in index.groups}
+    channels = {g.id: g.channels for g in index.groups}
+    for _, gid, i in candidates:
+        if goal is not None and cost.estimate(removed)[which] <= goal:
+            break
+        if taken.get(gid, 0) + 1 > min(math.floor(max_fraction * sizes[gid] + 1e-9), sizes[gid] - 1):
+            continue
+        removed[np.searchsorted(index.roots, channels[gid][i])] = True
+        taken[gid] = taken.get(gid, 0) + 1
+    return removed
+
+
+def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -> "MethodResult":
+    """Train with scorers, remove low-scored channels every `prune_every` epochs until the goal, fold, drop the
+    scorers, fine-tune the rest of the budget."""
+    from dpruner.graph.check import check_pruned, expected_outputs
+    from dpruner.graph.summary import analyze_groups, nothing_prunable
+    from dpruner.methods.cost import build_cost_model
+    from dpruner.methods.run import MethodResult, _evaluate
+    from dpruner.metrics.macs import count_macs, count_sizes
+    from dpruner.surgery.plan import apply_plan, make_plan
+    from dpruner.train.evaluate import evaluate
+    from dpruner.train.loop import fit
+
+    if env.train is None or env.data is None:
+        raise InputError("--method gate learns what to remove while fine-tuning: give --data.")
+    data, budget, device, ctx = env.data, env.train.epochs, env.device, env.ctx
+    which = 0 if config.target == "macs" else 1
+    model = copy.deepcopy(model).cpu().eval()
+    base = _evaluate(model, env)
+    before = count_sizes(model, example)
+    goal = before[config.target] / config.ratio if config.ratio is not None else None
+    floor = base["accuracy"] - config.tolerance if config.tolerance is not None else None
+    teacher = copy.deepcopy(model).to(device).eval() if env.distill else None
+    graph, index = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
+    expected = expected_outputs(model, example, graph.scopes)
+    if not any(g.prunable for g in index.groups):
+        raise nothing_prunable(index)
+    del graph, index
+    gate_budget = budget * (1 - config.final_fraction)
+    batches = len(data.train)
+    if batches == 0:
+        from dpruner.data.spec import DataError
+
+        raise DataError("The training split is empty (a loader with drop_last and fewer items than a batch?).")
+    interval = max(1, round(min(config.prune_every, gate_budget) * batches)) / batches  # what fit really trains
+    plans: list[dict] = []
+    history: list[dict] = []
+    used, position, forced, reached, stop = 0.0, 0, 0, False, None
+    saved: tuple[dict, dict] | None = None  # scorer weights kept while nothing was removed (same graph)
+    while interval > 0 and used + interval <= gate_budget + 1e-9:
+        final = used + 2 * interval > gate_budget + 1e-9  # the last gating interval: the goal must be met now
+        model.cpu().eval()
+        graph, index = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
+        gates = Gates(model, graph, index, config)
+        if not gates.sizes:
+            gates.detach()
+            stop = "no group can carry a gate"
+            break
+        if saved is not None and saved[0] == gates.sizes:
+            gates.scorers.load_state_dict(saved[1])
+        training = GateTraining(gates, config)
+        result = fit(model.to(device), data, env.train.with_(epochs=interval, seed=env.train.seed + len(history)),
+                     device=device, ctx=ctx, teacher=teacher, description="gate", position=position,
+                     callbacks=[training])
+        used += result.epochs
+        position += result.steps
+        means = training.means(ctx, device)
+        saved = (dict(gates.sizes), copy.deepcopy(gates.scorers.state_dict()))
+        gates.detach()
+        model.cpu().eval()
+        macs = count_macs(model, example)
+        cost = build_cost_model(model, graph, index, macs.by_module, macs.total)
+        removed = choose(index, means, cost, goal, which, config.threshold, config.max_fraction)
+        extra = 0
+        if final and goal is not None:  # the budget ends: the lowest-scored channels go until the goal is met
+            everything = choose(index, means, cost, goal, which, None, config.max_fraction)
+            extra = int(everything.sum() - removed.sum())
+            removed = everything
+        entry = {"step": len(history) + 1, "epochs_used": round(used, 4), "removed": int(removed.sum()),
+                 "forced": extra, "mean_score": float(np.mean(np.concatenate(list(means.values()))))}
+        if not removed.any():
+            history.append({**entry, "action": "none below the threshold"})
+            continue
+        kept_before = copy.deepcopy(model)
+        fold(model, graph, index, means)
+        plan = make_plan(graph, index, index.roots[removed])
+        apply_plan(model, plan)
+        check_pruned(model, example, expected, leaf_modules=env.leaf_modules)
+        saved = None
+        sizes = count_sizes(model, example)
+        entry.update(sizes)
+        if floor is not None:
+            accuracy = evaluate(model.to(device), data.val, device, ctx=ctx).accuracy
+            model.cpu()
+            entry["val_accuracy"] = accuracy
+            if accuracy < floor:  # this step went past the tolerance: keep the model before it and stop
+                model = kept_before
+                history.append({**entry, "action": "rolled back"})
+                stop = "tolerance"
+                break
+        forced += extra
+        plans.append(plan)
+        history.append({**entry, "action": "pruned"})
+        if goal is not None and sizes[config.target] <= goal * (1 + 1e-9):
+            reached = True
+            stop = "ratio"
+            break
+    if goal is not None and not reached:
+        reached = count_sizes(model, example)[config.target] <= goal * 1.05
+    rest = budget - used
+    if rest > 1e-9:
+        used += fit(model.to(device), data, env.train.with_(epochs=rest), device=device, ctx=ctx, teacher=teacher,
+                    description="fine-tune", position=position).epochs
+    model.cpu().eval()
+    after = {**count_sizes(model, example), **_evaluate(model, env)}
+    met = (goal is None or reached) and (floor is None or after.get("accuracy", 0.0) >= floor)
+    return MethodResult(
+        model=model, plans=plans, method="gate", criterion="gate", target_met=bool(met),
+        before={**before, **base}, after=after,
+        requested={"ratio": config.ratio, "tolerance": config.tolerance}, history=history, epochs_used=used,
+        details={"gate": {"sparsity_weight": config.sparsity_weight, "binary_weight": config.binary_weight,
+                          "threshold": config.threshold, "prune_every": config.prune_every,
+                          "forced_channels": forced, "stopped_by": stop}})

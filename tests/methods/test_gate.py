@@ -1,0 +1,192 @@
+"""D-Pruner gates (methods/gate.py, seed 000): one shared gate per coupled group, exact folding, nothing left in
+the model, the removal rule, stop conditions, a real run on the digits sample model and agreement under torchrun."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpruner
+from dpruner.data.loaders import load_data
+from dpruner.errors import InputError
+from dpruner.graph.summary import analyze_groups
+from dpruner.methods.cost import build_cost_model
+from dpruner.methods.gate import GateConfig, Gates, choose, fold
+from dpruner.methods.run import resolve, run
+from dpruner.metrics.macs import count_macs
+from dpruner.train.config import TrainConfig
+from tests.conftest import SAMPLE_MODELS
+
+
+class Residual(nn.Module):
+    """stem conv+BN, a block whose conv+BN output is added to the stem's (one group, two BN members), then a conv
+    without a norm layer (its group is gated on the conv output) and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv1, self.bn1 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.plain = nn.Conv2d(6, 5, 1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        a = F.relu(self.bn0(self.stem(x)))
+        b = F.relu(a + self.bn1(self.conv1(a)))
+        return self.fc(F.relu(self.plain(b)).mean((2, 3)))
+
+
+def _model():
+    torch.manual_seed(0)
+    model = Residual()
+    for bn in (model.bn0, model.bn1):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def test_folding_constant_scores_leaves_the_outputs_unchanged():
+    model = _model()
+    x = torch.randn(4, 3, 8, 8)
+    graph, index = analyze_groups(model, x[:1])
+    gates = Gates(model, graph, index, GateConfig(ratio=2.0))
+    gen = torch.Generator().manual_seed(1)
+    scores = {g: torch.rand(n, generator=gen).clamp_min(0.05) for g, n in gates.sizes.items()}
+    assert len(scores) == 2  # the residual group (two BN members) and the norm-less conv's group
+    gates.constant = scores
+    with torch.no_grad():
+        gated = model(x)
+    gates.detach()
+    with torch.no_grad():
+        plain = model(x)
+    assert not torch.allclose(gated, plain, atol=1e-3)  # the gates did change something
+    fold(model, graph, index, {g: s.numpy() for g, s in scores.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), gated, atol=1e-5, rtol=1e-5)
+
+
+def test_coupled_members_share_one_score_and_detach_leaves_the_plain_model():
+    model = _model()
+    keys = set(model.state_dict())
+    graph, index = analyze_groups(model, torch.randn(1, 3, 8, 8))
+    gates = Gates(model, graph, index, GateConfig(ratio=2.0))
+    calls = []
+    for name, scorer in gates.scorers.items():
+        scorer.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    model(torch.randn(2, 3, 8, 8))
+    assert sorted(calls) == sorted(gates.scorers)  # one scorer call per group, though the residual has two members
+    assert any(k.startswith(Gates.NAME) for k in model.state_dict())
+    gates.detach()
+    assert set(model.state_dict()) == keys
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_choose_takes_the_lowest_below_the_threshold_up_to_the_goal_and_the_cap():
+    model = _model()
+    example = torch.randn(1, 3, 8, 8)
+    graph, index = analyze_groups(model, example)
+    macs = count_macs(model, example)
+    cost = build_cost_model(model, graph, index, macs.by_module, macs.total)
+    groups = [g for g in index.groups if g.prunable]
+    means = {g.id: np.linspace(0.01, 0.9, len(g.channels)) for g in groups}
+    below = choose(index, means, cost, None, 0, 0.2, 0.9)
+    assert below.sum() == sum(int((m < 0.2).sum()) for m in means.values())
+    capped = choose(index, means, cost, None, 0, None, 0.5)  # everything is a candidate: half of each group at most
+    assert capped.sum() == sum(len(g.channels) // 2 for g in groups)
+    goal = 0.9 * macs.total
+    some = choose(index, means, cost, goal, 0, None, 0.9)
+    assert cost.estimate(some)[0] <= goal and some.sum() < capped.sum()
+
+
+def test_config_and_resolve():
+    with pytest.raises(InputError, match="needs a goal"):
+        GateConfig()
+    with pytest.raises(InputError):
+        GateConfig(ratio=2.0, threshold=1.5)
+    assert resolve("gate", None, tolerance=True) == ("gate", "gate")
+    assert resolve("gate", None, tolerance=False) == ("gate", "gate")
+    with pytest.raises(InputError, match="own scorer"):
+        resolve("gate", "l1", tolerance=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", batch_size=64, val_from="test")
+
+
+def test_gate_reaches_the_ratio_on_digits_and_leaves_no_scorers(digits):
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    keys = set(model.state_dict())
+    result = run("gate", model, torch.randn(1, 1, 8, 8), GateConfig(ratio=2.0, prune_every=0.5), data=digits,
+                 train=TrainConfig(epochs=4, quiet=True))
+    assert result.target_met and result.ratio["macs"] >= 1.9 and result.details["gate"]["stopped_by"] == "ratio"
+    assert any(h["action"] == "pruned" and h["removed"] > h["forced"] for h in result.history)  # gates decided
+    assert result.after["accuracy"] > 0.8 and result.epochs_used == pytest.approx(4.0, abs=0.05)
+    assert set(result.model.state_dict()) == keys
+    replay = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    for plan in result.plans:
+        dpruner.apply_plan(replay, plan)
+    assert [p.shape for p in replay.parameters()] == [p.shape for p in result.model.parameters()]
+
+
+def test_a_step_past_the_tolerance_is_rolled_back(digits, monkeypatch):
+    """Validation after a removal below the floor: the step is undone and the run stops there."""
+    import dpruner.train.evaluate as evaluate_module
+
+    class Zero:
+        accuracy = 0.0
+
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: Zero())
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    result = run("gate", model, torch.randn(1, 1, 8, 8),
+                 GateConfig(tolerance=0.01, prune_every=0.5, threshold=0.99), data=digits,
+                 train=TrainConfig(epochs=2, quiet=True))
+    assert result.details["gate"]["stopped_by"] == "tolerance" and result.plans == []
+    assert result.history[-1]["action"] == "rolled back"
+    assert result.after["params"] == result.before["params"]
+
+
+SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {root!r})
+import dpruner
+from dpruner.data.loaders import load_data
+from dpruner.methods.run import run
+from dpruner.methods.gate import GateConfig
+from dpruner.train.config import TrainConfig
+from dpruner.train.distributed import setup, teardown
+ctx, device = setup("cpu")
+torch.set_num_threads(1)
+data = load_data("digits", batch_size=32, rank=ctx.rank, world_size=ctx.world_size)
+model = dpruner.load_model({model!r})
+result = run("gate", model, torch.randn(1, 1, 8, 8), GateConfig(ratio=2.0, prune_every=0.5), data=data,
+             train=TrainConfig(epochs=2, quiet=True), ctx=ctx, device=device)
+torch.save({{"plans": result.plans, "history": result.history}}, {out!r} + str(ctx.rank))
+teardown()
+'''
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_remove_the_same_channels(tmp_path):
+    """Scores are averaged over ranks before anything is removed (each rank sees its own batches), and the scorers
+    are part of the DDP-wrapped model: both gloo ranks take the same steps."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    out = str(tmp_path / "gate")
+    script = tmp_path / "gate.py"
+    script.write_text(SCRIPT.format(root=root, out=out, model=str(SAMPLE_MODELS / "digits_vgg.pt")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(out + r, weights_only=False) for r in "01")
+    assert a["plans"] and a["plans"] == b["plans"] and a["history"] == b["history"]
