@@ -35,7 +35,8 @@ OUT = ROOT / "bench" / "results" / "methods" / "finetune-v2.jsonl"
 CHECKPOINT = "resnet56-4bfd9763.th"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # row -> how it prunes: ("dense",), ("dpruner", prune kwargs), ("tolerance", criterion), ("tp", importance),
-# ("modelopt", channel divisor), ("spp", SPPConfig settings: learned while fine-tuning within the same budget)
+# ("modelopt", channel divisor), ("spp" / "gate", the method's config: learned while fine-tuning within the same
+# budget; gate removes every 0.2 epochs so the 1-epoch budget holds four gating intervals)
 ROWS = {
     "dense": ("dense", None),
     "random": ("dpruner", {"method": "random"}),
@@ -51,6 +52,8 @@ ROWS = {
     "modelopt fastnas": ("modelopt", 8),
     "spp": ("spp", {}),
     "spp A=0.2": ("spp", {"A": 0.2}),
+    "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),
+    "gate tolerance 1%": ("gate", {"tolerance": 0.01, "prune_every": 0.2}),
     "tolerance 1% l1": ("tolerance", "l1"),
     "tolerance 1% taylor": ("tolerance", "taylor"),
 }
@@ -165,6 +168,16 @@ def run_row(row: str, seed: int, args) -> dict:
         extra = {"steps": len(result.history), "met": result.met, "epochs_used": result.epochs_used}
         prune_s = time.perf_counter() - start
         pruned_acc = None  # the controller interleaves pruning and fine-tuning
+    elif kind == "gate":
+        from dpruner.methods.gate import GateConfig
+        from dpruner.methods.run import run
+
+        result = run("gate", original, example, GateConfig(seed=seed, **spec_row), data=data, train=config)
+        model = result.model
+        extra = {"gate": result.details["gate"], "target_met": result.target_met,
+                 "steps": [{k: h.get(k) for k in ("removed", "forced", "action", "mean_score")} for h in result.history]}
+        prune_s = time.perf_counter() - start
+        pruned_acc = None  # gates decide while fine-tuning
     elif kind == "spp":
         from dpruner.methods.run import run
         from dpruner.methods.spp import SPPConfig
