@@ -42,6 +42,7 @@ ROWS = {
     "random": ("dpruner", {"method": "random"}),
     "l1": ("dpruner", {"method": "l1"}),
     "fpgm": ("dpruner", {"method": "fpgm"}),
+    "fpgm soft": ("soft", {"criterion": "fpgm", "soft": True, "soft_every": 0.25}),
     "taylor": ("dpruner", {"method": "taylor"}),
     "activation": ("dpruner", {"method": "activation"}),
     "pca-gm": ("dpruner", {"method": "pca-gm"}),
@@ -168,6 +169,15 @@ def run_row(row: str, seed: int, args) -> dict:
         extra = {"steps": len(result.history), "met": result.met, "epochs_used": result.epochs_used}
         prune_s = time.perf_counter() - start
         pruned_acc = None  # the controller interleaves pruning and fine-tuning
+    elif kind == "soft":
+        from dpruner.methods.run import OneShotConfig, run
+
+        result = run("one-shot", original, example, OneShotConfig(ratio=2.0, seed=seed, **spec_row), data=data,
+                     train=config)
+        model = result.model
+        extra = {"soft": result.details["soft"], "target_met": result.target_met}
+        prune_s = time.perf_counter() - start
+        pruned_acc = None  # channels are re-chosen while fine-tuning
     elif kind == "gate":
         from dpruner.methods.gate import GateConfig
         from dpruner.methods.run import run

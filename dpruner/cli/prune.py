@@ -38,6 +38,8 @@ def prune(
     spp_u: Annotated[float, typer.Option("--spp-u", help="--method spp: the increment at the curve's knee, as a share of A (u; below 0.5).")] = 0.25,
     spp_interval: Annotated[Optional[int], typer.Option("--spp-interval", help="--method spp: optimizer steps between rank updates of the probabilities (t; the paper's ImageNet runs used 180). Default: the probabilistic phase's steps x A / 6, so it holds 6/A updates.")] = None,
     spp_fraction: Annotated[float, typer.Option("--spp-fraction", help="--method spp: at most this share of --budget-epochs trains with probabilistic masks; the rest retrains the pruned model.")] = 0.5,
+    soft: Annotated[bool, typer.Option("--soft", help="With --ratio and --data: soft pruning while fine-tuning (FPGM's schedule): every --soft-every epochs the lowest channels are zeroed but may regrow; the last choice is removed at the end.")] = False,
+    soft_every: Annotated[float, typer.Option("--soft-every", help="--soft: epochs between re-choices of the zeroed channels.")] = 1.0,
     gate_sparsity: Annotated[float, typer.Option("--gate-sparsity", help="--method gate: weight of each group's mean score in the loss (pushes scores down).")] = 2.0,
     gate_binary: Annotated[float, typer.Option("--gate-binary", help="--method gate: weight of each group's mean s(1-s) in the loss (pushes scores to 0 or 1).")] = 0.1,
     gate_threshold: Annotated[float, typer.Option("--gate-threshold", help="--method gate: channels whose mean score over an interval is below this are removed.")] = 0.1,
@@ -100,6 +102,9 @@ def prune(
     # every option is checked before the model is loaded, so a typo costs nothing and nothing is written
     err = stderr_console()
     method, criterion = resolve(method, criterion, tolerance=tolerance is not None)
+    if soft and method != "one-shot":
+        raise InputError(f"--soft is a fine-tuning schedule of one-shot pruning (--ratio with --data), not of "
+                         f"--method {method}.")
     train = None
     if method == "gate":
         from dpruner.methods.gate import GateConfig
@@ -135,7 +140,7 @@ def prune(
         config = OneShotConfig(ratio=parse_ratio(ratio) if ratio is not None else None, sparsity=sparsity,
                                pca_energy=pca_energy, target=target, criterion=criterion, allocation=allocation,
                                exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
-                               sensitivity_batches=sensitivity_batches,
+                               sensitivity_batches=sensitivity_batches, soft=soft, soft_every=soft_every,
                                data_key=t.data_key(data, val_from=val_from, val_fraction=val_fraction, seed=seed,
                                                    batch_size=batch_size, mean=mean, std=std) if data else "")
     if data is not None:

@@ -40,6 +40,8 @@ class OneShotConfig:
     score_batches: int = 10
     sensitivity_batches: int = 8
     data_key: str = ""  # names the held-out data for the sensitivity cache (cli.training.data_key)
+    soft: bool = False  # soft pruning while fine-tuning (methods.soft; FPGM's schedule): needs data and a ratio
+    soft_every: float = 1.0  # epochs between re-choices of the zeroed channels
 
 
 @dataclass
@@ -120,6 +122,20 @@ def _one_shot(model: nn.Module, example: torch.Tensor, config: OneShotConfig, en
     from dpruner.methods.api import prune
     from dpruner.train.loop import fit
 
+    if config.soft:
+        from dpruner.criteria import get_criterion
+        from dpruner.methods.soft import run_soft
+
+        if env.train is None or env.data is None or config.ratio is None:
+            raise InputError("--soft zeroes channels while fine-tuning and removes them at the end: give --ratio "
+                             "and --data.")
+        if get_criterion(criterion_name or config.criterion).needs_data or config.allocation in ("pca",
+                                                                                               "sensitivity"):
+            raise InputError("--soft re-chooses channels on the current weights: use a weight criterion (fpgm, l1, "
+                             "l2, bn) with --allocation uniform or global.")
+        if not 0 < config.soft_every <= 1e4:
+            raise InputError(f"--soft-every must be a positive number of epochs, got {config.soft_every:g}.")
+        return run_soft(model, example, config, env)
     data = env.data
     base = _evaluate(model, env)
     pruned = prune(copy.deepcopy(model), example, ratio=config.ratio, sparsity=config.sparsity,
