@@ -53,6 +53,7 @@ ROWS = {
     "modelopt fastnas": ("modelopt", 8),
     "spp": ("spp", {}),
     "spp A=0.2": ("spp", {"A": 0.2}),
+    "coarse": ("coarse", {"candidates": 20, "eval_batches": 8}),
     "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),
     "gate tolerance 1%": ("gate", {"tolerance": 0.01, "prune_every": 0.2}),
     "tolerance 1% l1": ("tolerance", "l1"),
@@ -178,6 +179,20 @@ def run_row(row: str, seed: int, args) -> dict:
         extra = {"soft": result.details["soft"], "target_met": result.target_met}
         prune_s = time.perf_counter() - start
         pruned_acc = None  # channels are re-chosen while fine-tuning
+    elif kind == "coarse":
+        from dpruner.methods.coarse import CoarseConfig
+        from dpruner.methods.run import run
+
+        result = run("coarse", original, example, CoarseConfig(ratio=2.0, seed=seed, **spec_row), data=data,
+                     train=None)  # pruned here; the bench recalibrates and fine-tunes it like every other row
+        model = result.model
+        extra = {"coarse": result.details["coarse"], "target_met": result.target_met}
+        prune_s = time.perf_counter() - start
+        recalibrate_bn(model, data.train, batches=50)
+        pruned_acc = {"val": evaluate(model, data.val).accuracy, "test": evaluate(model, data.test).accuracy}
+        began = time.perf_counter()
+        fit(model, data, config, teacher=copy.deepcopy(original).eval(), description="fine-tune")
+        fine_tune_s = time.perf_counter() - began
     elif kind == "gate":
         from dpruner.methods.gate import GateConfig
         from dpruner.methods.run import run

@@ -29,6 +29,7 @@ _LAZY = {
     "ToleranceConfig": "dpruner.methods.tolerance",
     "SPPConfig": "dpruner.methods.spp",
     "GateConfig": "dpruner.methods.gate",
+    "CoarseConfig": "dpruner.methods.coarse",
     "TrainConfig": "dpruner.train.config",
     "load_data": "dpruner.data.loaders",
     "build_graph": "dpruner.graph.build",

@@ -40,6 +40,8 @@ def prune(
     spp_fraction: Annotated[float, typer.Option("--spp-fraction", help="--method spp: at most this share of --budget-epochs trains with probabilistic masks; the rest retrains the pruned model.")] = 0.5,
     soft: Annotated[bool, typer.Option("--soft", help="With --ratio and --data: soft pruning while fine-tuning (FPGM's schedule): every --soft-every epochs the lowest channels are zeroed but may regrow; the last choice is removed at the end.")] = False,
     soft_every: Annotated[float, typer.Option("--soft-every", help="--soft: epochs between re-choices of the zeroed channels.")] = 1.0,
+    candidates: Annotated[int, typer.Option("--candidates", help="--method coarse: random masks tried per group; the least adversarial (lowest error on --eval-batches validation batches) is kept.")] = 20,
+    eval_batches: Annotated[int, typer.Option("--eval-batches", help="--method coarse: validation batches the candidate masks are judged on (decoded once, kept in memory).")] = 8,
     gate_sparsity: Annotated[float, typer.Option("--gate-sparsity", help="--method gate: weight of each group's mean score in the loss (pushes scores down).")] = 2.0,
     gate_binary: Annotated[float, typer.Option("--gate-binary", help="--method gate: weight of each group's mean s(1-s) in the loss (pushes scores to 0 or 1).")] = 0.1,
     gate_threshold: Annotated[float, typer.Option("--gate-threshold", help="--method gate: channels whose mean score over an interval is below this are removed.")] = 0.1,
@@ -59,7 +61,7 @@ def prune(
     download: t.DownloadOpt = False,
     quiet: t.QuietOpt = False,
     target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs or params.")] = "macs",
-    method: Annotated[Optional[str], typer.Option("--method", help="Pruning method (the algorithm; `dpruner methods` lists them): one-shot (default; fine-tuned after the cut when --data is given), tolerance (default with --tolerance: Play-and-Prune), pca-gm (with --data: PCA widths + geometric-median survivors, seed 001), spp (with --data and --ratio: structured probabilistic pruning while fine-tuning, seed 004), gate (with --data and --ratio and/or --tolerance: D-Pruner's embedded scorer networks, seed 000). A criterion name here (--method l1) still works and means --criterion l1.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Pruning method (the algorithm; `dpruner methods` lists them): one-shot (default; fine-tuned after the cut when --data is given), tolerance (default with --tolerance: Play-and-Prune), pca-gm (with --data: PCA widths + geometric-median survivors, seed 001), spp (with --data and --ratio: structured probabilistic pruning while fine-tuning, seed 004), gate (with --data and --ratio and/or --tolerance: D-Pruner's embedded scorer networks, seed 000), coarse (with --data and --ratio: least-adversarial random feature-map masks, seed 002). A criterion name here (--method l1) still works and means --criterion l1.")] = None,
     criterion: Annotated[Optional[str], typer.Option("--criterion", help="What ranks channels: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group), global (one threshold over normalised scores), pca (with --data: each group keeps the width whose principal components explain the needed share of its activations' variance; seed 001), or sensitivity (with --data: each group's cut chosen from its measured sensitivity curve for the least predicted loss at the target; see analyze --sensitivity).")] = "uniform",
     sensitivity_batches: t.SensitivityBatchesOpt = 8,
@@ -128,6 +130,14 @@ def prune(
                                  step_epochs=step_epochs, max_ratio=parse_ratio(max_ratio) if max_ratio else None,
                                  penalty=penalty, criterion=criterion, score_momentum=score_momentum,
                                  max_fraction=max_fraction, round_to=round_to, exclude=tuple(exclude or ()))
+    elif method == "coarse":
+        from dpruner.methods.coarse import CoarseConfig
+
+        if ratio is None or data is None:
+            raise InputError("--method coarse judges random masks on held-out data: give --ratio and --data.")
+        config = CoarseConfig(ratio=parse_ratio(ratio), target=target, criterion=criterion, allocation=allocation,
+                              exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
+                              candidates=candidates, eval_batches=eval_batches)
     elif method == "spp":
         from dpruner.methods.spp import SPPConfig
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dpruner.errors import InputError
+from dpruner.methods.coarse import CoarseConfig
 from dpruner.methods.gate import GateConfig
 from dpruner.methods.spp import SPPConfig
 from dpruner.methods.tolerance import ToleranceConfig, to_json_history
@@ -212,6 +213,13 @@ def _gate(model, example, config, env: RunEnv) -> MethodResult:
     return run_gate(model, example, config, env)
 
 
+def _coarse(model, example, config, env: RunEnv) -> MethodResult:
+    """Seed 002: least-adversarial feature-map masks (methods.coarse)."""
+    from dpruner.methods.coarse import run_coarse
+
+    return run_coarse(model, example, config, env)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("one-shot", "score every group, plan to the target (MACs or params), cut once; with --data, then "
            "fine-tune for --budget-epochs (distilling from the original)",
@@ -231,6 +239,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "low-scored channels are removed every --gate-every epochs until the ratio or tolerance, scores folded",
            "--method gate --ratio 3x | --tolerance 1% --data", frozenset({"ratio", "tolerance"}),
            frozenset({"data", "training"}), GateConfig, _gate),
+    Method("coarse", "seed 002: group by group from input to output, the least adversarial of --candidates random "
+           "feature-map masks on held-out data; removed, then retrained once", "--method coarse --ratio 2x --data",
+           frozenset({"ratio"}), frozenset({"data"}), CoarseConfig, _coarse),
 )}
 
 
@@ -273,7 +284,7 @@ def resolve(method: str | None, criterion: str | None, *, tolerance: bool) -> tu
             raise InputError("--method pca-gm keeps the channels nearest the geometric median (fpgm); for PCA "
                              f"widths with --criterion {criterion} use --allocation pca.")
         return name, "fpgm"
-    criterion = criterion if criterion is not None else ("l1" if tolerance or name == "spp" else "l2")  # "" is a
+    criterion = criterion if criterion is not None else ("l1" if tolerance or name in ("spp", "coarse") else "l2")  # "" is a
     # name, and unknown
     if criterion == "pca-gm":
         raise InputError("pca-gm is a method: give --method pca-gm.")

@@ -17,6 +17,6 @@ def test_methods_lists_every_criterion_and_what_it_needs():
     needs = {c["name"]: c for c in doc["criteria"]}
     assert needs["taylor"]["data"] and "gradients" in needs["taylor"]["needs"] and not needs["l1"]["data"]
     assert {a["name"] for a in doc["allocations"]} == {"uniform", "global", "pca", "sensitivity"}
-    assert {m["name"] for m in doc["methods"]} == {"one-shot", "tolerance", "pca-gm", "spp", "gate"}
+    assert {m["name"] for m in doc["methods"]} == {"one-shot", "tolerance", "pca-gm", "spp", "gate", "coarse"}
     table = invoke("methods")
     assert table.code == 0 and "taylor" in table.stdout and "Allocations" in table.stdout

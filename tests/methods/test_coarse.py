@@ -1,0 +1,93 @@
+"""Coarse pruning with least-adversarial masks (methods/coarse.py, seed 002): a planted harmless mask is picked
+among harmful ones, groups go from input to output, and a real run on the digits sample model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpruner
+from dpruner.data.loaders import load_data
+from dpruner.errors import InputError
+from dpruner.graph.summary import analyze_groups
+from dpruner.methods.coarse import CoarseConfig, error_and_loss, group_order, least_adversarial
+from dpruner.methods.run import resolve, run
+from dpruner.train.config import TrainConfig
+from tests.conftest import SAMPLE_MODELS
+
+
+class Probe(nn.Module):
+    """conv (4 channels) -> relu -> 1x1 conv -> pooled classifier. Channels 0-2 carry the class evidence; channel 3
+    reaches nothing (its outgoing weights are zero), so removing it is harmless."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 3, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.fill_(1.0)
+            for c in range(3):
+                self.conv.weight[c, c] = 5.0
+            self.head.weight.zero_()
+            for c in range(3):
+                self.head.weight[c, c] = 1.0
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x))).mean((2, 3))
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(2):
+        y = torch.randint(0, 3, (16,), generator=gen)
+        x = torch.zeros(16, 3, 4, 4)
+        x[torch.arange(16), y] = 1.0  # the input channel of the class lights up
+        out.append((x + 0.01 * torch.randn(16, 3, 4, 4, generator=gen), y))
+    return out
+
+
+def test_the_least_adversarial_candidate_is_the_planted_harmless_mask():
+    model = Probe().eval()
+    batches = _batches()
+    assert error_and_loss(model, batches)[0] == 0.0
+    graph, index = analyze_groups(model, torch.randn(1, 3, 4, 4))
+    group = next(g for g in index.groups if ("conv", "out", None) in g.slots)
+    fixed = np.zeros(len(index.roots), dtype=bool)
+    flags, tried = least_adversarial(model, graph, index, group, 1, fixed, batches, 12,
+                                     torch.Generator().manual_seed(0))
+    removed = np.flatnonzero(flags[np.searchsorted(index.roots, group.channels)])
+    assert removed.tolist() == [3]
+    assert min(t["error"] for t in tried) == 0.0 and max(t["error"] for t in tried) > 0.2  # the others hurt
+    assert torch.equal(model.conv.weight, Probe().conv.weight)  # every candidate was undone
+
+
+def test_groups_are_visited_from_input_to_output():
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    graph, index = analyze_groups(model, torch.randn(1, 1, 8, 8))
+    order = [g.layers[0] for g in group_order(model, graph, index)]
+    assert order == ["features.0", "features.2", "features.5", "features.7", "classifier.0"]
+
+
+def test_config_and_resolve():
+    with pytest.raises(InputError, match="--candidates"):
+        CoarseConfig(ratio=2.0, candidates=0)
+    assert resolve("coarse", None, tolerance=False) == ("coarse", "l1")
+    with pytest.raises(InputError, match="not to a --tolerance"):
+        resolve("coarse", None, tolerance=True)
+
+
+def test_coarse_prunes_digits_to_the_ratio_with_the_best_candidates():
+    data = load_data("digits", batch_size=64, val_from="test")
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    keys = set(model.state_dict())
+    result = run("coarse", model, torch.randn(1, 1, 8, 8), CoarseConfig(ratio=2.0, candidates=6, eval_batches=2),
+                 data=data, train=TrainConfig(epochs=1, quiet=True))
+    assert result.target_met and result.ratio["macs"] == pytest.approx(2.0, rel=0.05)
+    groups = result.details["coarse"]["groups"]
+    assert len(groups) == 5 and all(g["best_error"] <= g["median_error"] <= g["worst_error"] for g in groups)
+    assert result.after["accuracy"] > 0.8 and set(result.model.state_dict()) == keys
