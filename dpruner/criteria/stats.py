@@ -48,6 +48,20 @@ def _probes(graph: DependencyGraph, index: ChannelIndex) -> dict[str, list[tuple
     return probes
 
 
+def channel_dim(module: nn.Module, z: torch.Tensor, width: int) -> int:
+    """The dim of `module`'s output `z` that holds its `width` channel positions: the last for Linear and a plain
+    LayerNorm (channels-last), dim 1 for convolutions and the other norms. Subclasses that permute inside their
+    forward (torchvision's LayerNorm2d, a LayerNorm over (N, C, H, W)) are told by the shape: dim 1 when it has the
+    width and the last dim does not."""
+    if z.dim() < 2:
+        return z.dim() - 1
+    if type(module) in (nn.Linear, nn.LayerNorm) or isinstance(module, nn.Linear):
+        return z.dim() - 1
+    if isinstance(module, nn.LayerNorm) and not (z.shape[1] == width and z.shape[-1] != width):
+        return z.dim() - 1
+    return 1
+
+
 def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex, loader: Iterable, *,
                   needs: Iterable[str], batches: int = 10, device: torch.device | str = "cpu",
                   ctx=None) -> dict[int, dict[str, torch.Tensor]]:
@@ -82,10 +96,6 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
     saved: list[tuple[str, torch.Tensor]] = []
     handles = []
 
-    def channel_dim(module: nn.Module, z: torch.Tensor) -> int:
-        """Linear and LayerNorm act on the last dim; convolutions and the other norms on dim 1."""
-        return z.dim() - 1 if isinstance(module, (nn.Linear, nn.LayerNorm)) or z.dim() < 2 else 1
-
     def hook(name):
         def fn(module, inputs, output):
             if isinstance(output, torch.Tensor) and output.requires_grad:
@@ -113,7 +123,7 @@ def collect_stats(model: nn.Module, graph: DependencyGraph, index: ChannelIndex,
             first_order: dict[int, torch.Tensor] = {}  # group -> (B, channels): z * dL/dz summed over its members
             for name, z in saved:
                 n_pos = probes[name][0][3]
-                axis = channel_dim(graph.modules[name], z)
+                axis = channel_dim(graph.modules[name], z, n_pos)
                 zz = z.detach().double().movedim(axis, -1).reshape(z.shape[0], -1, n_pos)  # (B, positions, C)
                 per = {}
                 if "taylor" in needs and z.grad is not None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpruner.criteria.stats import channel_dim
 from dpruner.errors import InputError
 from dpruner.train.loop import Callback
 
@@ -75,10 +76,6 @@ def _scorer(n: int, divisor: int, initial: float) -> nn.Sequential:
     nn.init.zeros_(net[2].weight)
     nn.init.constant_(net[2].bias, math.log(initial / (1 - initial)))
     return net
-
-
-def _channel_dim(module: nn.Module, z: torch.Tensor) -> int:
-    return z.dim() - 1 if isinstance(module, (nn.Linear, nn.LayerNorm)) or z.dim() < 2 else 1
 
 
 def _members(graph, index, group) -> list[tuple]:
@@ -145,7 +142,7 @@ class Gates:
         def fn(module, inputs, z):
             if not isinstance(z, torch.Tensor):
                 return z
-            axis = _channel_dim(module, z)
+            axis = channel_dim(module, z, self.members[name][0][3])
             factor = None
             for gid, mine, target, n_pos in self.members[name]:
                 if gid not in self.cache:

@@ -226,3 +226,36 @@ def test_collection_under_torchrun_matches_one_process(tmp_path):
     for gid in alone:
         for stat in ("taylor", "activation"):
             torch.testing.assert_close(both[gid][stat], alone[gid][stat], rtol=1e-5, atol=1e-9)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """A LayerNorm over the channels of an (N, C, H, W) tensor, permuting inside (as torchvision's ConvNeXt)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ChannelsFirstLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.norm = LayerNorm2d(5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+def test_statistics_of_a_layernorm_that_permutes_inside_are_per_channel():
+    """The norm's output is channels-first although it is a LayerNorm: statistics are taken on dim 1 (reading the
+    last dim, the width, mixed positions into channels without any error)."""
+    torch.manual_seed(0)
+    model = ChannelsFirstLN().eval()
+    x = torch.randn(4, 3, 6, 7)
+    graph, index = analyze_groups(model, x[:1])
+    group = next(g for g in index.groups if ("norm", "norm", None) in g.slots)
+    stats = collect_stats(model, graph, index, [(x, torch.zeros(4, dtype=torch.long))], needs=["activation"],
+                          batches=1)
+    with torch.no_grad():
+        expected = model.norm(model.conv(x)).clamp_min(0).mean((2, 3)).mean(0)
+    torch.testing.assert_close(stats[group.id]["activation"], expected, rtol=1e-5, atol=1e-6)
