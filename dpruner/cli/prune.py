@@ -40,6 +40,7 @@ def prune(
     spp_fraction: Annotated[float, typer.Option("--spp-fraction", help="--method spp: at most this share of --budget-epochs trains with probabilistic masks; the rest retrains the pruned model.")] = 0.5,
     soft: Annotated[bool, typer.Option("--soft", help="With --ratio and --data: soft pruning while fine-tuning (FPGM's schedule): every --soft-every epochs the lowest channels are zeroed but may regrow; the last choice is removed at the end.")] = False,
     soft_every: Annotated[float, typer.Option("--soft-every", help="--soft: epochs between re-choices of the zeroed channels.")] = 1.0,
+    granularity: Annotated[str, typer.Option("--granularity", help="--method coarse: feature-map (whole channels to --ratio: a dense, smaller model) or kernel (individual k x k kernels, --sparsity of every conv layer: zeros in the same shapes; input channels nobody reads any more are removed).")] = "feature-map",
     candidates: Annotated[int, typer.Option("--candidates", help="--method coarse: random masks tried per group; the least adversarial (lowest error on --eval-batches validation batches) is kept.")] = 20,
     eval_batches: Annotated[int, typer.Option("--eval-batches", help="--method coarse: validation batches the candidate masks are judged on (decoded once, kept in memory).")] = 8,
     gate_sparsity: Annotated[float, typer.Option("--gate-sparsity", help="--method gate: weight of each group's mean score in the loss (pushes scores down).")] = 2.0,
@@ -133,9 +134,10 @@ def prune(
     elif method == "coarse":
         from dpruner.methods.coarse import CoarseConfig
 
-        if ratio is None or data is None:
-            raise InputError("--method coarse judges random masks on held-out data: give --ratio and --data.")
-        config = CoarseConfig(ratio=parse_ratio(ratio), target=target, criterion=criterion, allocation=allocation,
+        if data is None:
+            raise InputError("--method coarse judges random masks on held-out data: give --data.")
+        config = CoarseConfig(ratio=parse_ratio(ratio) if ratio is not None else None, granularity=granularity,
+                              sparsity=sparsity, target=target, criterion=criterion, allocation=allocation,
                               exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
                               candidates=candidates, eval_batches=eval_batches)
     elif method == "spp":

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpruner.errors import InputError
+from dpruner.train.loop import Callback
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class CoarseConfig:
     """Settings of `--method coarse`: the goal and how each group's share is planned (as one-shot), the number of
     random candidates per group and the evaluation subset they are judged on."""
 
-    ratio: float
+    ratio: float | None = None
+    granularity: str = "feature-map"  # or "kernel": individual k x k kernels at `sparsity` per conv layer
+    sparsity: float | None = None
     target: str = "macs"
     criterion: str = "l1"
     allocation: str = "uniform"
@@ -42,6 +45,16 @@ class CoarseConfig:
     eval_batches: int = 8
 
     def __post_init__(self):
+        if self.granularity not in ("feature-map", "kernel"):
+            raise InputError(f"--granularity must be feature-map or kernel, got '{self.granularity}'.")
+        if self.granularity == "feature-map" and (self.ratio is None or self.sparsity is not None):
+            raise InputError("--method coarse removes feature maps to a --ratio (kernel granularity takes "
+                             "--sparsity).")
+        if self.granularity == "kernel" and (self.sparsity is None or self.ratio is not None):
+            raise InputError("--granularity kernel zeroes a share of every conv layer's kernels: give --sparsity "
+                             "(e.g. 0.8), not --ratio.")
+        if self.sparsity is not None and not 0 < self.sparsity < 1:
+            raise InputError(f"--sparsity must lie strictly between 0 and 1, got {self.sparsity:g}.")
         if not isinstance(self.candidates, int) or self.candidates < 1:
             raise InputError(f"--candidates must be a whole number >= 1, got {self.candidates}.")
         if not isinstance(self.eval_batches, int) or self.eval_batches < 1:
@@ -122,6 +135,159 @@ def least_adversarial(model, graph, index, group, n_remove: int, fixed: np.ndarr
     return best, tried
 
 
+def kernel_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """Convolutions whose (output, input) kernels can be masked one by one, input to output: ungrouped (a
+    depthwise kernel is its channel's only filter), not excluded."""
+    from fnmatch import fnmatch
+
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+            and m.groups == 1 and not any(fnmatch(name, pattern) for pattern in exclude)]
+
+
+class KernelMasks(Callback):
+    """Fixed kernel masks {layer: bool (out, in), True = zeroed}: applied to the weights, and re-applied after
+    every optimizer step while retraining (a fit callback), so momentum and weight decay cannot revive them."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
+        self.modules = dict(model.named_modules())
+        self.masks = masks
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                weight = self.modules[name].weight
+                weight[mask.to(weight.device)] = 0.0
+
+    def before_step(self, model: nn.Module, step: int) -> None:
+        if step == 0:
+            self.apply()
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.apply()
+
+
+def least_adversarial_kernels(model: nn.Module, name: str, n_zero: int, batches, candidates: int,
+                              generator: torch.Generator, ctx=None, device="cpu") -> tuple[torch.Tensor, list]:
+    """The least adversarial of `candidates` random masks zeroing `n_zero` of layer `name`'s kernels."""
+    weight = dict(model.named_modules())[name].weight
+    out_ch, in_ch = weight.shape[:2]
+    best, best_key, tried = None, None, []
+    original = weight.detach().clone()
+    for _ in range(candidates):
+        mask = torch.zeros(out_ch * in_ch, dtype=torch.bool)
+        mask[torch.randperm(out_ch * in_ch, generator=generator)[:n_zero]] = True
+        mask = mask.view(out_ch, in_ch)
+        with torch.no_grad():
+            weight[mask.to(weight.device)] = 0.0
+        error, loss = error_and_loss(model, batches, ctx, device)
+        with torch.no_grad():
+            weight.copy_(original)
+        tried.append({"error": error, "loss": loss})
+        if best_key is None or (error, loss) < best_key:
+            best, best_key = mask, (error, loss)
+    return best, tried
+
+
+def empty_channels(model: nn.Module, graph, index, masks: dict[str, torch.Tensor]) -> np.ndarray:
+    """Flags (per dense class) of prunable channels no layer reads any more: every consumer of the channel is a
+    masked convolution whose kernels from it are all zeroed. Removing them is exact and a real saving."""
+    removed = np.zeros(len(index.roots), dtype=bool)
+    for group in index.groups:
+        if not group.prunable:
+            continue
+        consumers = [k for k in group.slots if graph.slots[k].role == "in"]
+        if not consumers or any(k[0] not in masks for k in consumers):
+            continue
+        rank = np.full(len(index.roots), -1, dtype=np.int64)
+        rank[index.roots.searchsorted(group.channels)] = np.arange(len(group.channels))
+        unread = np.ones(len(group.channels), dtype=bool)
+        for key in consumers:
+            of_position = rank[index.slot_classes[key]]
+            dead = masks[key[0]].all(dim=0).numpy()  # input position read by no output channel
+            for position, channel in enumerate(of_position):
+                if channel >= 0 and not dead[position]:
+                    unread[channel] = False
+        keep_one = unread.sum() == len(unread)
+        if keep_one:  # a group must keep a channel: the first stays
+            unread[0] = False
+        removed[np.searchsorted(index.roots, np.asarray(group.channels)[unread])] = True
+    return removed
+
+
+def run_kernel(model: nn.Module, example: torch.Tensor, config: CoarseConfig, env) -> "MethodResult":
+    """Kernel granularity: layer by layer the least adversarial of N random masks zeroing `sparsity` of its
+    kernels; input channels no layer reads any more are removed; retrained with the masks held at zero."""
+    from dpruner.graph.summary import analyze_groups
+    from dpruner.methods.run import MethodResult, _evaluate
+    from dpruner.metrics.macs import count_sizes
+    from dpruner.surgery.plan import apply_plan, make_plan
+    from dpruner.train.evaluate import _batches, recalibrate_bn
+    from dpruner.train.loop import fit
+
+    data = env.data
+    base = _evaluate(model, env)
+    work = copy.deepcopy(model).cpu().eval()
+    before = count_sizes(work, example)
+    batches = [(x.cpu(), y.cpu()) for _, (x, y) in zip(range(config.eval_batches), _batches(data.val, "val"))]
+    generator = torch.Generator().manual_seed(config.seed)
+    layers = kernel_layers(work, config.exclude)
+    if not layers:
+        raise InputError("--granularity kernel found no ungrouped convolution to mask.")
+    work.to(env.device)
+    masks, choices = {}, []
+    for name, module in layers:
+        out_ch, in_ch = module.weight.shape[:2]
+        n_zero = int(config.sparsity * out_ch * in_ch)
+        if n_zero == 0:
+            continue
+        mask, tried = least_adversarial_kernels(work, name, n_zero, batches, config.candidates, generator, env.ctx,
+                                                env.device)
+        masks[name] = mask
+        with torch.no_grad():
+            module.weight[mask.to(module.weight.device)] = 0.0
+        errors = [t["error"] for t in tried]
+        choices.append({"layer": name, "kernels": out_ch * in_ch, "zeroed": n_zero, "best_error": min(errors),
+                        "median_error": float(np.median(errors)), "worst_error": max(errors)})
+    work.cpu().eval()
+    graph, index = analyze_groups(work, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
+    unread = empty_channels(work, graph, index, masks)
+    plans = []
+    if unread.any():
+        plan = make_plan(graph, index, index.roots[unread])
+        kept_in = {name: plan.get("modules", {}).get(name, {}).get("in") for name in masks}
+        kept_out = {name: plan.get("modules", {}).get(name, {}).get("out") for name in masks}
+        apply_plan(work, plan)
+        plans.append(plan)
+        for name in list(masks):  # the masks follow the surviving rows and columns
+            mask = masks[name]
+            if kept_out[name] is not None:
+                mask = mask[torch.as_tensor(kept_out[name])]
+            if kept_in[name] is not None:
+                mask = mask[:, torch.as_tensor(kept_in[name])]
+            masks[name] = mask
+    holder = KernelMasks(work, masks)
+    holder.apply()
+    recalibrate_bn(work, data.train, batches=50)
+    used = 0.0
+    if env.train is not None:
+        teacher = copy.deepcopy(model).to(env.device).eval() if env.distill else None
+        used = fit(work.to(env.device), data, env.train, device=env.device, ctx=env.ctx, teacher=teacher,
+                   description="retrain", callbacks=[holder]).epochs
+    work.cpu().eval()
+    modules = dict(work.named_modules())
+    zero = sum(int(masks[n].sum()) * int(np.prod(modules[n].weight.shape[2:])) for n in masks)
+    total = sum(modules[n].weight.numel() for n in masks)
+    after = {**count_sizes(work, example), **_evaluate(work, env)}
+    return MethodResult(model=work, plans=plans, method="coarse", criterion="random (least adversarial)",
+                        target_met=True, before={**before, **base}, after=after,
+                        requested={"sparsity": config.sparsity}, epochs_used=used,
+                        details={"coarse": {"granularity": "kernel", "candidates": config.candidates,
+                                            "kernel_sparsity": zero / max(total, 1), "masked_layers": len(masks),
+                                            "removed_channels": int(unread.sum()),
+                                            "eval_samples": sum(len(y) for _, y in batches), "layers": choices}})
+
+
 def run_coarse(model: nn.Module, example: torch.Tensor, config: CoarseConfig, env) -> "MethodResult":
     """Plan each group's share, choose its mask as the least adversarial of N random ones (input to output), remove,
     recalibrate BatchNorm, retrain for the budget."""
@@ -136,6 +302,8 @@ def run_coarse(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
 
     if env.data is None:
         raise InputError("--method coarse judges candidate masks on held-out data: give --data.")
+    if config.granularity == "kernel":
+        return run_kernel(model, example, config, env)
     data = env.data
     base = _evaluate(model, env)
     work = copy.deepcopy(model).cpu().eval()

@@ -91,3 +91,69 @@ def test_coarse_prunes_digits_to_the_ratio_with_the_best_candidates():
     groups = result.details["coarse"]["groups"]
     assert len(groups) == 5 and all(g["best_error"] <= g["median_error"] <= g["worst_error"] for g in groups)
     assert result.after["accuracy"] > 0.8 and set(result.model.state_dict()) == keys
+
+
+def test_kernel_granularity_keeps_masked_kernels_zero_through_the_retrain():
+    data = load_data("digits", batch_size=64, val_from="test")
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    result = run("coarse", model, torch.randn(1, 1, 8, 8),
+                 CoarseConfig(granularity="kernel", sparsity=0.5, candidates=3, eval_batches=1, exclude=("features.0",)),
+                 data=data, train=TrainConfig(epochs=1, lr=0.05, momentum=0.9, weight_decay=5e-3, quiet=True))
+    details = result.details["coarse"]
+    assert details["granularity"] == "kernel" and details["masked_layers"] == 3
+    assert details["kernel_sparsity"] == pytest.approx(0.5, abs=0.01)
+    for name in ("features.2", "features.5", "features.7"):
+        weight = dict(result.model.named_modules())[name].weight
+        zero = (weight.flatten(2).abs().sum(2) == 0).float().mean()
+        assert float(zero) == pytest.approx(0.5, abs=0.01), name  # the zeros survived momentum and weight decay
+    assert result.ratio["macs"] == 1.0  # kernel sparsity is reported, not counted as MACs saved
+
+
+def test_an_input_channel_no_layer_reads_is_removed_and_counted():
+    from dpruner.methods.coarse import empty_channels
+
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt").eval()
+    graph, index = analyze_groups(model, torch.randn(1, 1, 8, 8))
+    masks = {"features.2": torch.zeros(32, 32, dtype=torch.bool)}
+    masks["features.2"][:, [4, 9]] = True  # nothing reads input channels 4 and 9 of features.2 any more
+    masks["features.2"][:5, 11] = True  # channel 11 is still read by outputs 5..31
+    flags = empty_channels(model, graph, index, masks)
+    group = next(g for g in index.groups if ("features.2", "in", None) in g.slots)
+    chosen = np.flatnonzero(flags[np.searchsorted(index.roots, group.channels)])
+    assert chosen.tolist() == [4, 9] and flags.sum() == 2
+
+
+def test_kernel_config_checks():
+    with pytest.raises(InputError, match="give --sparsity"):
+        CoarseConfig(granularity="kernel", ratio=2.0)
+    with pytest.raises(InputError, match="--granularity"):
+        CoarseConfig(granularity="row", ratio=2.0)
+    with pytest.raises(InputError, match="to a --ratio"):
+        CoarseConfig(sparsity=0.5)
+
+
+def test_kernel_run_removes_emptied_channels_and_the_masks_follow(monkeypatch):
+    """A chosen mask that empties input channels 4 and 9 of features.2: they are removed physically (30 channels
+    left in features.0 / features.2's input), counted in the MACs, and the remaining masked kernels stay zero."""
+    import dpruner.methods.coarse as coarse
+
+    def planted(model, name, n_zero, batches, candidates, generator, ctx=None, device="cpu"):
+        weight = dict(model.named_modules())[name].weight
+        mask = torch.zeros(weight.shape[:2], dtype=torch.bool)
+        if name == "features.2":
+            mask[:, [4, 9]] = True
+            mask[0, 0] = True
+        return mask, [{"error": 0.0, "loss": 0.0}]
+
+    monkeypatch.setattr(coarse, "least_adversarial_kernels", planted)
+    data = load_data("digits", batch_size=64, val_from="test")
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    result = run("coarse", model, torch.randn(1, 1, 8, 8),
+                 CoarseConfig(granularity="kernel", sparsity=0.1, candidates=1, eval_batches=1), data=data,
+                 train=TrainConfig(epochs=0.5, quiet=True))
+    assert result.details["coarse"]["removed_channels"] == 2 and result.ratio["macs"] > 1.0
+    modules = dict(result.model.named_modules())
+    assert modules["features.0"].out_channels == 30 and modules["features.2"].in_channels == 30
+    assert float(modules["features.2"].weight.detach()[0, 0].abs().sum()) == 0  # the surviving masked kernel
+    replay = dpruner.apply_plan(dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), result.plans[0])
+    assert [p.shape for p in replay.parameters()] == [p.shape for p in result.model.parameters()]
