@@ -31,7 +31,7 @@ def prune(
     step_epochs: Annotated[float, typer.Option("--step-epochs", help="--tolerance: fine-tuning epochs per pruning step (fractions allowed).")] = 1.0,
     max_ratio: Annotated[Optional[str], typer.Option("--max-ratio", help="--tolerance: never compress MACs beyond this, e.g. 4x.")] = None,
     distill: Annotated[bool, typer.Option("--distill/--no-distill", help="With --data: distil from the unpruned model while fine-tuning.")] = True,
-    resume: Annotated[bool, typer.Option("--resume", help="--tolerance: continue an interrupted run from OUTPUT.resume (saved atomically after every step).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="--tolerance, --method gate and --method spp: continue an interrupted run from OUTPUT.resume (saved atomically after every step).")] = False,
     penalty: Annotated[float, typer.Option("--penalty", help="--tolerance: strength of the L1 push on the channels about to be removed before they go (relative to their magnitude; 0: off).")] = 5.0,
     score_momentum: Annotated[float, typer.Option("--score-momentum", help="--tolerance with a data criterion (taylor, activation): each step's scores are averaged with the previous steps' as m * old + (1 - m) * new, so one set of batches does not decide alone (0: off).")] = 0.5,
     spp_a: Annotated[float, typer.Option("--spp-a", help="--method spp: the largest step of a channel's pruning probability per rank update (A in Wang et al. 2018).")] = 0.05,
@@ -100,8 +100,9 @@ def prune(
         raise InputError("Give one of --ratio, --sparsity and --tolerance.")
     if tolerance is not None and data is None:
         raise InputError("--tolerance needs --data: accuracy is measured on its validation split.")
-    if resume and tolerance is None:
-        raise InputError("--resume applies to --tolerance runs; a one-shot prune has nothing to resume.")
+    if resume and tolerance is None and method not in ("gate", "spp"):
+        raise InputError("--resume applies to --tolerance, --method gate and --method spp runs; a one-shot prune "
+                         "has nothing to resume.")
     # every option is checked before the model is loaded, so a typo costs nothing and nothing is written
     err = stderr_console()
     method, criterion = resolve(method, criterion, tolerance=tolerance is not None)
@@ -115,8 +116,6 @@ def prune(
 
         if data is None:
             raise InputError("--method gate learns which channels go while fine-tuning: give --data.")
-        if resume:
-            raise InputError("--method gate runs cannot be resumed yet; run without --resume.")
         if sparsity is not None or pca_energy is not None:
             raise InputError("--method gate prunes to a --ratio and/or a --tolerance.")
         config = GateConfig(ratio=parse_ratio(ratio) if ratio is not None else None,
@@ -186,7 +185,7 @@ def prune(
                                mean=mean, std=std, augment=augment)
         log = (lambda message: err.print(f"[dim]{message}[/dim]", soft_wrap=True)) if ctx.is_main and not quiet \
             else (lambda m: None)
-        state_hooks = _tolerance_state(model, output, ctx, resume) if method == "tolerance" else {}
+        state_hooks = _resume_hooks(model, output, ctx, resume) if method in ("tolerance", "gate", "spp") else {}
         document.update({"data": bundle.name, "device": str(dev), "world_size": ctx.world_size})
         result = run(method, loaded.model, example, config, data=bundle, train=train, device=dev, ctx=ctx,
                      distill=distill, leaf_modules=leaves, log=log, **state_hooks)
@@ -208,7 +207,7 @@ def prune(
                     plan=[*(loaded.plan or []), *result.plans], meta={**loaded.meta, "pruned": summary})
     else:
         document["output"] = None
-    if tolerance is not None:
+    if method in ("tolerance", "gate", "spp"):
         from dpruner.train.state import remove_state
 
         remove_state(state_path_for(output), ctx)  # only now: an interrupt before this line resumes the run
@@ -231,9 +230,9 @@ def prune(
         raise typer.Exit(EXIT_TARGET_NOT_MET)
 
 
-def _tolerance_state(model: Path, output: Path, ctx, resume: bool) -> dict:
-    """run()'s resume/on_checkpoint hooks for a --tolerance run: its state is saved atomically beside OUTPUT
-    after every step (rank 0), and --resume reads it back."""
+def _resume_hooks(model: Path, output: Path, ctx, resume: bool) -> dict:
+    """run()'s resume/on_checkpoint hooks for a resumable run (--tolerance, gate, spp): its state is saved
+    atomically beside OUTPUT after every step (rank 0), and --resume reads it back."""
     from dpruner.io.atomic import atomic_torch_save
     from dpruner.train.state import read_resume, state_path_for
 

@@ -103,7 +103,7 @@ class Gates:
 
     NAME = "_dpruner_gates"
 
-    def __init__(self, model: nn.Module, graph, index, config: GateConfig):
+    def __init__(self, model: nn.Module, graph, index, config: GateConfig, seed: int = 0):
         self.model, self.graph, self.index = model, graph, index
         self.sizes: dict[int, int] = {}
         probes: dict[str, list] = {}
@@ -122,8 +122,10 @@ class Gates:
                 probes.setdefault(key[0], []).append(
                     (group.id, torch.as_tensor(mine), torch.as_tensor(of_position[mine]), len(of_position)))
         self.members = probes
-        self.scorers = nn.ModuleDict({str(g): _scorer(n, config.hidden_divisor, config.initial_score)
-                                      for g, n in sorted(self.sizes.items())})
+        with torch.random.fork_rng(devices=[]):  # seeded, so a resumed run draws the same scorers
+            torch.manual_seed(seed)
+            self.scorers = nn.ModuleDict({str(g): _scorer(n, config.hidden_divisor, config.initial_score)
+                                          for g, n in sorted(self.sizes.items())})
         self.cache: dict[int, torch.Tensor] = {}
         self.constant: dict[int, torch.Tensor] | None = None  # fixed scores (folding checks); None: the scorers
         model.add_module(self.NAME, self.scorers)
@@ -288,6 +290,12 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
     if not any(g.prunable for g in index.groups):
         raise nothing_prunable(index)
     del graph, index
+    from dpruner.methods.tolerance import _config_json
+    from dpruner.train.state import check_state, make_state
+
+    identity = {"data": getattr(data, "name", None), "params": before["params"], "macs": before["macs"],
+                "world_size": ctx.world_size, "distill": env.distill}
+    settings = _config_json(config, env.train, identity)
     gate_budget = budget * (1 - config.final_fraction)
     batches = len(data.train)
     if batches == 0:
@@ -299,11 +307,36 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
     history: list[dict] = []
     used, position, forced, reached, stop = 0.0, 0, 0, False, None
     saved: tuple[dict, dict] | None = None  # scorer weights kept while nothing was removed (same graph)
-    while interval > 0 and used + interval <= gate_budget + 1e-9:
+    if env.resume is not None:
+        progress = check_state(env.resume, "gate", settings,
+                               {"used": float, "position": int, "history": list, "forced": int, "reached": bool},
+                               "the resume file")
+        try:
+            for plan in env.resume["plans"]:
+                apply_plan(model, plan)
+            model.load_state_dict(env.resume["model"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError):
+            raise InputError("The saved gate-run state does not fit this model; run without --resume.") from None
+        plans, history = list(env.resume["plans"]), list(progress["history"])
+        used, position, forced = progress["used"], progress["position"], progress["forced"]
+        reached, stop = progress["reached"], progress.get("stop")
+        if progress.get("scorers") is not None:
+            saved = ({int(k): v for k, v in progress["scorers"]["sizes"].items()}, progress["scorers"]["state"])
+
+    def checkpoint() -> None:
+        """The state after an interval (or before the final fine-tune): --resume continues from here."""
+        if env.on_checkpoint is not None:
+            scorers = None if saved is None else {"sizes": {str(k): v for k, v in saved[0].items()},
+                                                  "state": saved[1]}
+            env.on_checkpoint(make_state("gate", settings, model.state_dict(),
+                                         {"used": used, "position": position, "history": history, "forced": forced,
+                                          "reached": reached, "stop": stop, "scorers": scorers}, plans=plans))
+
+    while stop is None and not reached and interval > 0 and used + interval <= gate_budget + 1e-9:
         final = used + 2 * interval > gate_budget + 1e-9  # the last gating interval: the goal must be met now
         model.cpu().eval()
         graph, index = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
-        gates = Gates(model, graph, index, config)
+        gates = Gates(model, graph, index, config, seed=config.seed * 1_000_003 + len(history))
         if not gates.sizes:
             gates.detach()
             stop = "no group can carry a gate"
@@ -332,6 +365,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
                  "forced": extra, "mean_score": float(np.mean(np.concatenate(list(means.values()))))}
         if not removed.any():
             history.append({**entry, "action": "none below the threshold"})
+            checkpoint()
             continue
         kept_before = copy.deepcopy(model)
         fold(model, graph, index, means)
@@ -349,6 +383,8 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
                 model = kept_before
                 history.append({**entry, "action": "rolled back"})
                 stop = "tolerance"
+                saved = None
+                checkpoint()
                 break
         forced += extra
         plans.append(plan)
@@ -356,7 +392,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         if goal is not None and sizes[config.target] <= goal * (1 + 1e-9):
             reached = True
             stop = "ratio"
-            break
+        checkpoint()
     if goal is not None and not reached:
         reached = count_sizes(model, example)[config.target] <= goal * 1.05
     rest = budget - used

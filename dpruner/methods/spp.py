@@ -241,6 +241,9 @@ def run_spp(model: nn.Module, example: torch.Tensor, config: SPPConfig, env) -> 
     if get_criterion(config.criterion).needs_data:
         raise InputError(f"--method spp ranks channels by a weight criterion (l1, l2, fpgm, bn); "
                          f"'{config.criterion}' needs data at every rank update.")
+    from dpruner.methods.tolerance import _config_json
+    from dpruner.train.state import check_state, make_state
+
     data, budget = env.data, env.train.epochs
     base = _evaluate(model, env)
     model.eval()
@@ -254,26 +257,65 @@ def run_spp(model: nn.Module, example: torch.Tensor, config: SPPConfig, env) -> 
     teacher = copy.deepcopy(model).to(env.device).eval() if env.distill else None
     phase = replace(env.train, epochs=budget * config.prune_fraction)
     interval = config.interval or interval_for(round(phase.epochs * len(data.train)), config.A)
+    identity = {"data": getattr(data, "name", None), "params": before["params"], "macs": before["macs"],
+                "world_size": env.ctx.world_size, "distill": env.distill}
+    settings = _config_json(config, env.train, identity)
+
+    def save(stage: str, weights: dict, plans: list, extra: dict) -> None:
+        if env.on_checkpoint is not None:
+            env.on_checkpoint(make_state("spp", settings, weights, {
+                "stage": stage, "probabilities": {str(g): torch.from_numpy(p) for g, p in state.probabilities.items()},
+                "updates": state.updates, "steps": state.steps, "forced": state.forced, **extra}, plans=plans))
+
+    start, resumed = None, None
+    if env.resume is not None:
+        resumed = check_state(env.resume, "spp", settings, {"stage": str, "updates": int, "steps": int,
+                                                            "forced": int, "probabilities": dict}, "the resume file")
+        try:
+            probabilities = {int(g): p.numpy().astype(np.float64) for g, p in resumed["probabilities"].items()}
+            if set(probabilities) != set(goals) or any(len(p) != sizes[g] for g, p in probabilities.items()):
+                raise ValueError("groups differ")
+            state.probabilities = probabilities
+            state.updates, state.steps, state.forced = resumed["updates"], resumed["steps"], resumed["forced"]
+            if resumed["stage"] == "masking":
+                work.load_state_dict(env.resume["model"])
+                start = resumed["fit"]
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError):
+            raise InputError("The saved spp-run state does not fit this model; run without --resume.") from None
     masks = SPPMasks(graph, index, state, config, interval)
-    used = fit(work.to(env.device), data, phase, device=env.device, ctx=env.ctx, teacher=teacher,
-               description="spp", callbacks=[masks]).epochs
-    work.cpu()
-    reached = state.done()
-    if not reached:
-        force_goals(state, score_groups(work, graph, index, config.criterion, config.seed))
-    plan = make_plan(graph, index, index.roots[removed_flags(index, state)])
-    pruned = apply_plan(work, plan)
-    check_pruned(pruned, example, expected, leaf_modules=env.leaf_modules)
-    recalibrate_bn(pruned, data.train, batches=config.recal_batches)
+    if resumed is None or resumed["stage"] == "masking":
+        def epoch_end(fit_state: dict) -> None:  # mid-phase: weights are whole (masked ones restored)
+            save("masking", work.state_dict(), [], {"fit": fit_state})
+
+        phase_fit = fit(work.to(env.device), data, phase, device=env.device, ctx=env.ctx, teacher=teacher,
+                        description="spp", callbacks=[masks], start=start, on_epoch_end=epoch_end)
+        used, position = phase_fit.epochs, phase_fit.steps
+        work.cpu()
+        reached = state.done()
+        if not reached:
+            force_goals(state, score_groups(work, graph, index, config.criterion, config.seed))
+        plan = make_plan(graph, index, index.roots[removed_flags(index, state)])
+        pruned = apply_plan(work, plan)
+        check_pruned(pruned, example, expected, leaf_modules=env.leaf_modules)
+        recalibrate_bn(pruned, data.train, batches=config.recal_batches)
+        save("retrain", pruned.state_dict(), [plan], {"used": used, "position": position, "reached": reached})
+    else:  # the phase had finished: an interrupted retrain starts over from the pruned model
+        try:
+            plan = env.resume["plans"][0]
+            pruned = apply_plan(work, plan)
+            pruned.load_state_dict(env.resume["model"])
+            used, position, reached = float(resumed["used"]), int(resumed["position"]), bool(resumed["reached"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError):
+            raise InputError("The saved spp-run state does not fit this model; run without --resume.") from None
     rest = budget - used
     if rest > 1e-9:
         used += fit(pruned.to(env.device), data, replace(env.train, epochs=rest), device=env.device, ctx=env.ctx,
-                    teacher=teacher, description="retrain").epochs
+                    teacher=teacher, description="retrain", position=position).epochs
     pruned.cpu().eval()
     after = {**count_sizes(pruned, example), **_evaluate(pruned, env)}
     return MethodResult(
-        model=pruned, plans=[plan], method="spp", criterion=config.criterion, target_met=planned_met, before={**before, **base}, after=after,
-        requested={"ratio": config.ratio}, epochs_used=used,
+        model=pruned, plans=[plan], method="spp", criterion=config.criterion, target_met=planned_met,
+        before={**before, **base}, after=after, requested={"ratio": config.ratio}, epochs_used=used,
         details={"spp": {"A": config.A, "u": config.u, "interval": interval, "rank_updates": state.updates,
                          "masked_steps": state.steps, "reached_in_phase": reached, "forced_channels": state.forced,
                          "pruned_channels": state.pruned(), "allocation": config.allocation}})

@@ -190,3 +190,25 @@ def test_two_torchrun_ranks_remove_the_same_channels(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (torch.load(out + r, weights_only=False) for r in "01")
     assert a["plans"] and a["plans"] == b["plans"] and a["history"] == b["history"]
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does(digits):
+    """States are saved after every interval; resuming from the first gives the same plans, history and weights
+    (scorers are seeded, the data stream continues at its position)."""
+    import copy
+
+    config = GateConfig(ratio=2.0, prune_every=0.5)
+    train = TrainConfig(epochs=3, quiet=True)
+    example = torch.randn(1, 1, 8, 8)
+    states = []
+    full = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
+               train=train, on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    assert len(states) >= 2 and states[0]["method"] == "gate"
+    resumed = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
+                  train=train, resume=states[0])
+    assert resumed.plans == full.plans and resumed.history == full.history
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value)
+    with pytest.raises(InputError, match="same model, data and options"):
+        run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example,
+            GateConfig(ratio=3.0, prune_every=0.5), data=digits, train=train, resume=states[0])

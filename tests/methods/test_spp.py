@@ -210,3 +210,25 @@ def test_two_torchrun_ranks_prune_the_same_channels(tmp_path):
     a, b = (torch.load(out + r, weights_only=False) for r in "01")
     assert a["plan"] == b["plan"] and a["spp"] == b["spp"]
     assert a["spp"]["pruned_channels"] > 0 and a["spp"]["rank_updates"] > 1
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does():
+    """States are saved at every epoch end of the masking phase and once it is over; resuming from either gives
+    the same plan and weights as the run that was never interrupted."""
+    import copy
+
+    data = load_data("digits", batch_size=64, val_from="test")
+    config = SPPConfig(ratio=2.0)
+    train = TrainConfig(epochs=4, quiet=True)
+    example = torch.randn(1, 1, 8, 8)
+    states = []
+    full = run("spp", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=data, train=train,
+               on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    stages = [s["progress"]["stage"] for s in states]
+    assert stages[0] == "masking" and stages[-1] == "retrain"
+    for state in (states[0], states[-1]):
+        again = run("spp", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=data,
+                    train=train, resume=state)
+        assert again.plans == full.plans and again.details == full.details
+        for key, value in full.model.state_dict().items():
+            torch.testing.assert_close(again.model.state_dict()[key], value)
