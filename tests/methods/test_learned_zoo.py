@@ -47,3 +47,26 @@ def test_learned_method_on_torchvision(arch, method, synthetic):
     assert set(result.model.state_dict()) == keys
     with torch.no_grad():
         assert result.model.eval()(example).shape == (1, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_exported_graph_has_the_dense_originals_node_types(method, synthetic, tmp_path):
+    """No gate, mask, probability or scorer survives into the deployable graph: the ONNX export of the result has
+    exactly the node types of the unpruned model's."""
+    import onnx
+
+    from dpruner.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    result = run(method, model, torch.randn(1, 3, 32, 32), CONFIGS[method], data=synthetic,
+                 train=TrainConfig(epochs=2, lr=0.001, quiet=True), distill=False)
+    kinds = []
+    for name, net in (("dense", model), ("pruned", result.model)):
+        path = tmp_path / f"{name}.onnx"
+        export_onnx(net.eval(), (1, 3, 32, 32), path)
+        # Identity nodes only alias initializers the exporter found identical (the untrained model's equal folded
+        # biases); they are not computation
+        kinds.append(sorted({node.op_type for node in onnx.load(str(path)).graph.node} - {"Identity"}))
+    assert kinds[0] == kinds[1] and "Conv" in kinds[1]
