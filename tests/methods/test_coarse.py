@@ -157,3 +157,44 @@ def test_kernel_run_removes_emptied_channels_and_the_masks_follow(monkeypatch):
     assert float(modules["features.2"].weight.detach()[0, 0].abs().sum()) == 0  # the surviving masked kernel
     replay = dpruner.apply_plan(dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), result.plans[0])
     assert [p.shape for p in replay.parameters()] == [p.shape for p in result.model.parameters()]
+
+
+SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {root!r})
+import dpruner
+from dpruner.data.loaders import load_data
+from dpruner.methods.coarse import CoarseConfig
+from dpruner.methods.run import run
+from dpruner.train.config import TrainConfig
+from dpruner.train.distributed import setup, teardown
+ctx, device = setup("cpu")
+torch.set_num_threads(1)
+data = load_data("digits", batch_size=32, rank=ctx.rank, world_size=ctx.world_size)
+model = dpruner.load_model({model!r})
+result = run("coarse", model, torch.randn(1, 1, 8, 8), CoarseConfig(ratio=2.0, candidates=4, eval_batches=2),
+             data=data, train=TrainConfig(epochs=0.5, quiet=True), ctx=ctx, device=device)
+torch.save({{"plan": result.plans[0], "groups": result.details["coarse"]["groups"]}}, {out!r} + str(ctx.rank))
+teardown()
+'''
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_keep_the_same_masks(tmp_path):
+    """Candidate errors are summed over ranks (each holds its own share of the validation batches) and every rank
+    draws the same candidates, so both gloo ranks keep the same masks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    out = str(tmp_path / "coarse")
+    script = tmp_path / "coarse.py"
+    script.write_text(SCRIPT.format(root=root, out=out, model=str(SAMPLE_MODELS / "digits_vgg.pt")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(out + r, weights_only=False) for r in "01")
+    assert a["plan"] == b["plan"] and a["groups"] == b["groups"]
