@@ -263,7 +263,8 @@ def render(doc: dict) -> None:
     out.print(table)
     if "data" in doc:
         if doc["history"]:
-            accepted = len([h for h in doc["history"] if h.get("accepted") and h["action"] != "final"])
+            accepted = len([h for h in doc["history"] if (h.get("accepted") and h["action"] != "final")
+                            or h.get("action") == "pruned"])
             out.print(f"{accepted} accepted steps, {doc['epochs_used']:.2f} fine-tuning epochs on {doc['data']}.")
         else:
             out.print(f"Pruned one-shot, then fine-tuned {doc['epochs_used']:.2f} epochs on {doc['data']}.")

@@ -49,16 +49,15 @@ def _probes(graph: DependencyGraph, index: ChannelIndex) -> dict[str, list[tuple
 
 
 def channel_dim(module: nn.Module, z: torch.Tensor, width: int) -> int:
-    """The dim of `module`'s output `z` that holds its `width` channel positions: the last for Linear and a plain
-    LayerNorm (channels-last), dim 1 for convolutions and the other norms. Subclasses that permute inside their
-    forward (torchvision's LayerNorm2d, a LayerNorm over (N, C, H, W)) are told by the shape: dim 1 when it has the
-    width and the last dim does not."""
-    if z.dim() < 2:
+    """The dim of `module`'s output `z` that holds its `width` channel positions: the last for Linear and a
+    LayerNorm that runs nn.LayerNorm's own forward (channels-last), dim 1 for convolutions and the other norms. A
+    LayerNorm subclass with a forward of its own (torchvision's LayerNorm2d permutes (N, C, H, W) inside) is told
+    by the shape: dim 1 when it holds the width, else the last."""
+    if z.dim() < 2 or isinstance(module, nn.Linear):
         return z.dim() - 1
-    if type(module) in (nn.Linear, nn.LayerNorm) or isinstance(module, nn.Linear):
-        return z.dim() - 1
-    if isinstance(module, nn.LayerNorm) and not (z.shape[1] == width and z.shape[-1] != width):
-        return z.dim() - 1
+    if isinstance(module, nn.LayerNorm):
+        if type(module).forward is nn.LayerNorm.forward or z.shape[1] != width:
+            return z.dim() - 1
     return 1
 
 

@@ -61,6 +61,18 @@ class CoarseConfig:
             raise InputError(f"--eval-batches must be a whole number >= 1, got {self.eval_batches}.")
 
 
+def check_planner(config, method: str) -> None:
+    """The widths of spp and coarse come from the weight-only planner: a data criterion or a pca / sensitivity
+    allocation would need data it is not given, so they are refused up front."""
+    from dpruner.criteria import get_criterion
+
+    if get_criterion(config.criterion).needs_data:
+        raise InputError(f"--method {method} plans its widths with a weight criterion (l1, l2, fpgm, bn, random); "
+                         f"'{config.criterion}' needs data.")
+    if config.allocation not in ("uniform", "global"):
+        raise InputError(f"--method {method} takes --allocation uniform or global, not '{config.allocation}'.")
+
+
 def group_order(model: nn.Module, graph, index) -> list:
     """Prunable groups from the input to the output: by the first position of any of their producing layers in
     the model's module order."""
@@ -105,6 +117,7 @@ class Masking:
         self.saved = []
         with torch.no_grad():
             for tensor, dim, idx in channel_parameters(self.model, self.graph, self.index, flags):
+                idx = idx.to(tensor.device)
                 self.saved.append((tensor, dim, idx, tensor.index_select(dim, idx).clone()))
                 tensor.index_fill_(dim, idx, 0.0)
 
@@ -222,7 +235,8 @@ def run_kernel(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
     from dpruner.methods.run import MethodResult, _evaluate
     from dpruner.metrics.macs import count_sizes
     from dpruner.surgery.plan import apply_plan, make_plan
-    from dpruner.train.evaluate import _batches, recalibrate_bn
+    from dpruner.train.api import recalibrate
+    from dpruner.train.evaluate import _batches
     from dpruner.train.loop import fit
 
     data = env.data
@@ -268,7 +282,7 @@ def run_kernel(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
             masks[name] = mask
     holder = KernelMasks(work, masks)
     holder.apply()
-    recalibrate_bn(work, data.train, batches=50)
+    recalibrate(work, data, env)
     used = 0.0
     if env.train is not None:
         teacher = copy.deepcopy(model).to(env.device).eval() if env.distill else None
@@ -297,11 +311,13 @@ def run_coarse(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
     from dpruner.methods.spp import plan_goals
     from dpruner.metrics.macs import count_sizes
     from dpruner.surgery.plan import apply_plan, make_plan
-    from dpruner.train.evaluate import _batches, recalibrate_bn
+    from dpruner.train.api import recalibrate
+    from dpruner.train.evaluate import _batches
     from dpruner.train.loop import fit
 
     if env.data is None:
         raise InputError("--method coarse judges candidate masks on held-out data: give --data.")
+    check_planner(config, "coarse")
     if config.granularity == "kernel":
         return run_kernel(model, example, config, env)
     data = env.data
@@ -330,7 +346,7 @@ def run_coarse(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
     plan = make_plan(graph, index, index.roots[fixed])
     apply_plan(work, plan)
     check_pruned(work, example, expected, leaf_modules=env.leaf_modules)
-    recalibrate_bn(work, data.train, batches=50)
+    recalibrate(work, data, env)
     used = 0.0
     if env.train is not None:
         teacher = copy.deepcopy(model).to(env.device).eval() if env.distill else None

@@ -12,7 +12,7 @@ channel while the network fine-tunes, and the channels it keeps rating low are r
   (2.0, 0.1, 0.5) were picked on the digits sample model so that scores separate within a few epochs: with equal
   weights the binarisation term holds scores starting near 1 where they are, and nothing is removed.
 - every `prune_every` epochs the channels whose mean score over those epochs is below `threshold` go (lowest first,
-  never past the goal or a group's --max-fraction); the surviving channels' mean scores are folded into the norm
+  never past the goal, nor past --max-fraction of a group's current width in one removal); the surviving channels' mean scores are folded into the norm
   layer (gamma *= s, beta *= s) or the producer's weights and bias: exact, since the gate is linear after them.
 - stop at the --ratio (MACs or params) or, with a tolerance, before validation accuracy drops past it; a ratio not
   reached by the last gating interval is met there by removing the lowest-scored channels regardless of the
@@ -238,8 +238,8 @@ class GateTraining(Callback):
 def choose(index, means: dict[int, np.ndarray], cost, goal: float | None, which: int, threshold: float | None,
            max_fraction: float) -> np.ndarray:
     """Flags (per dense class) of the channels to remove: ascending mean score, only below `threshold` (None: any),
-    never more than `max_fraction` of a group (at least one channel stays), and stopping once the estimated
-    target is at most `goal` (None: no goal)."""
+    never more than `max_fraction` of a group's current width in one removal (at least one channel stays), and
+    stopping once the estimated target is at most `goal` (None: no goal)."""
     removed = np.zeros(len(index.roots), dtype=bool)
     candidates = []
     for group in index.groups:
@@ -263,6 +263,15 @@ def choose(index, means: dict[int, np.ndarray], cost, goal: float | None, which:
     return removed
 
 
+def step_accuracy(model: nn.Module, data, device, ctx) -> float:
+    """Validation top-1 after a removal (summed over torchrun ranks), the tolerance check's measurement."""
+    from dpruner.train.evaluate import evaluate
+
+    accuracy = evaluate(model.to(device), data.val, device, ctx=ctx).accuracy
+    model.cpu()
+    return accuracy
+
+
 def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -> "MethodResult":
     """Train with scorers, remove low-scored channels every `prune_every` epochs until the goal, fold, drop the
     scorers, fine-tune the rest of the budget."""
@@ -272,7 +281,6 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
     from dpruner.methods.run import MethodResult, _evaluate
     from dpruner.metrics.macs import count_macs, count_sizes
     from dpruner.surgery.plan import apply_plan, make_plan
-    from dpruner.train.evaluate import evaluate
     from dpruner.train.loop import fit
 
     if env.train is None or env.data is None:
@@ -307,6 +315,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
     history: list[dict] = []
     used, position, forced, reached, stop = 0.0, 0, 0, False, None
     saved: tuple[dict, dict] | None = None  # scorer weights kept while nothing was removed (same graph)
+    unfolded: dict[int, np.ndarray] | None = None  # last interval's scores, trained with but not yet folded
     if env.resume is not None:
         progress = check_state(env.resume, "gate", settings,
                                {"used": float, "position": int, "history": list, "forced": int, "reached": bool},
@@ -322,6 +331,8 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         reached, stop = progress["reached"], progress.get("stop")
         if progress.get("scorers") is not None:
             saved = ({int(k): v for k, v in progress["scorers"]["sizes"].items()}, progress["scorers"]["state"])
+        if progress.get("unfolded") is not None:
+            unfolded = {int(k): v.numpy() for k, v in progress["unfolded"].items()}
 
     def checkpoint() -> None:
         """The state after an interval (or before the final fine-tune): --resume continues from here."""
@@ -330,7 +341,10 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
                                                   "state": saved[1]}
             env.on_checkpoint(make_state("gate", settings, model.state_dict(),
                                          {"used": used, "position": position, "history": history, "forced": forced,
-                                          "reached": reached, "stop": stop, "scorers": scorers}, plans=plans))
+                                          "reached": reached, "stop": stop, "scorers": scorers,
+                                          "unfolded": None if unfolded is None else
+                                          {str(k): torch.from_numpy(v) for k, v in unfolded.items()}},
+                                         plans=plans))
 
     while stop is None and not reached and interval > 0 and used + interval <= gate_budget + 1e-9:
         final = used + 2 * interval > gate_budget + 1e-9  # the last gating interval: the goal must be met now
@@ -365,10 +379,12 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
                  "forced": extra, "mean_score": float(np.mean(np.concatenate(list(means.values()))))}
         if not removed.any():
             history.append({**entry, "action": "none below the threshold"})
+            unfolded = means  # folded if the loop ends here; the next interval's gates start from these scorers
             checkpoint()
             continue
+        unfolded = None
+        fold(model, graph, index, means)  # the network as trained, with its scores: what a rollback returns to
         kept_before = copy.deepcopy(model)
-        fold(model, graph, index, means)
         plan = make_plan(graph, index, index.roots[removed])
         apply_plan(model, plan)
         check_pruned(model, example, expected, leaf_modules=env.leaf_modules)
@@ -376,8 +392,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         sizes = count_sizes(model, example)
         entry.update(sizes)
         if floor is not None:
-            accuracy = evaluate(model.to(device), data.val, device, ctx=ctx).accuracy
-            model.cpu()
+            accuracy = step_accuracy(model, data, device, ctx)
             entry["val_accuracy"] = accuracy
             if accuracy < floor:  # this step went past the tolerance: keep the model before it and stop
                 model = kept_before
@@ -393,6 +408,10 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             reached = True
             stop = "ratio"
         checkpoint()
+    if unfolded is not None:  # the last interval removed nothing: its scores still shape what the network learned
+        model.cpu().eval()
+        graph, index = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
+        fold(model, graph, index, unfolded)
     if goal is not None and not reached:
         reached = count_sizes(model, example)[config.target] <= goal * 1.05
     rest = budget - used
@@ -401,7 +420,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
                     description="fine-tune", position=position).epochs
     model.cpu().eval()
     after = {**count_sizes(model, example), **_evaluate(model, env)}
-    met = (goal is None or reached) and (floor is None or after.get("accuracy", 0.0) >= floor)
+    met = (goal is None or reached) and (floor is None or after.get("accuracy", 0.0) >= floor) and bool(plans)
     return MethodResult(
         model=model, plans=plans, method="gate", criterion="gate", target_met=bool(met),
         before={**before, **base}, after=after,

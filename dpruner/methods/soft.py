@@ -102,9 +102,9 @@ def run_soft(model: nn.Module, example: torch.Tensor, config, env):
     plan = make_plan(graph, index, index.roots[soft.removed])
     apply_plan(work, plan)
     check_pruned(work, example, expected, leaf_modules=env.leaf_modules)
-    from dpruner.train.evaluate import recalibrate_bn
+    from dpruner.train.api import recalibrate
 
-    recalibrate_bn(work, data.train, batches=50)
+    recalibrate(work, data, env)
     after = {**count_sizes(work, example), **_evaluate(work, env)}
     return MethodResult(model=work, plans=[plan], method="one-shot", criterion=config.criterion,
                         target_met=planned_met, before={**before, **base}, after=after,

@@ -1,7 +1,9 @@
 """Structured Probabilistic Pruning (Wang et al., BMVC 2018; seed 004): every channel of a group carries a pruning
 probability p (0 at the start). While the network fine-tunes, each step samples a keep-mask Bernoulli(1 - p) per
 channel (coupled channels share it: one draw per channel of a group, applied to every member), trains on the masked
-weights and puts the masked weights back after the optimizer step, so momentum and weight decay never move them.
+weights and puts the masked values back after the optimizer step, so the step (its momentum and weight decay
+included) leaves them as they were. Their momentum buffers are not reset: an entry that still received gradient
+while masked (a BatchNorm beta) carries it into the steps where the channel is drawn again.
 Every `interval` steps the group's live channels are ranked by a weight criterion (L1 in the paper) and p moves by
 the paper's rank-based increment (`increments`): the weakest gain up to A, the strongest lose, so a channel that
 becomes useful again can recover. p = 1 prunes a channel for good; a group stops when it has lost its share, and
@@ -231,7 +233,7 @@ def run_spp(model: nn.Module, example: torch.Tensor, config: SPPConfig, env) -> 
     from dpruner.methods.run import MethodResult, _evaluate
     from dpruner.metrics.macs import count_sizes
     from dpruner.surgery.plan import apply_plan, make_plan
-    from dpruner.train.evaluate import recalibrate_bn
+    from dpruner.train.api import recalibrate
     from dpruner.train.loop import fit
 
     if env.train is None or env.data is None:
@@ -241,6 +243,9 @@ def run_spp(model: nn.Module, example: torch.Tensor, config: SPPConfig, env) -> 
     if get_criterion(config.criterion).needs_data:
         raise InputError(f"--method spp ranks channels by a weight criterion (l1, l2, fpgm, bn); "
                          f"'{config.criterion}' needs data at every rank update.")
+    from dpruner.methods.coarse import check_planner
+
+    check_planner(config, "spp")
     from dpruner.methods.tolerance import _config_json
     from dpruner.train.state import check_state, make_state
 
@@ -297,7 +302,7 @@ def run_spp(model: nn.Module, example: torch.Tensor, config: SPPConfig, env) -> 
         plan = make_plan(graph, index, index.roots[removed_flags(index, state)])
         pruned = apply_plan(work, plan)
         check_pruned(pruned, example, expected, leaf_modules=env.leaf_modules)
-        recalibrate_bn(pruned, data.train, batches=config.recal_batches)
+        recalibrate(pruned, data, env, batches=config.recal_batches)
         save("retrain", pruned.state_dict(), [plan], {"used": used, "position": position, "reached": reached})
     else:  # the phase had finished: an interrupted retrain starts over from the pruned model
         try:

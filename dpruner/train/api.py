@@ -68,3 +68,17 @@ def finetune(model: nn.Module, data, config: TrainConfig, *, device: torch.devic
     if state_path is not None and not keep_state:
         remove_state(state_path, ctx)
     return FinetuneResult(result, int(start["step"]) if start else 0)
+
+
+def recalibrate(model: nn.Module, data, env, *, batches: int = 50) -> None:
+    """BatchNorm statistics re-estimated on `batches` training batches on the run's device; under torchrun every
+    rank then takes rank 0's buffers (each rank read its own shard), so all ranks keep and measure one model."""
+    from dpruner.train.evaluate import recalibrate_bn
+
+    recalibrate_bn(model.to(env.device), data.train, batches=batches, device=env.device)
+    if env.ctx.enabled:
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    model.cpu()

@@ -123,6 +123,21 @@ def test_an_input_channel_no_layer_reads_is_removed_and_counted():
     assert chosen.tolist() == [4, 9] and flags.sum() == 2
 
 
+def test_planner_options_that_need_data_are_refused_up_front():
+    data = load_data("digits", batch_size=64, val_from="test")
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    example = torch.randn(1, 1, 8, 8)
+    with pytest.raises(InputError, match="weight criterion"):
+        run("coarse", model, example, CoarseConfig(ratio=2.0, criterion="taylor"), data=data)
+    with pytest.raises(InputError, match="--allocation uniform or global"):
+        run("coarse", model, example, CoarseConfig(ratio=2.0, allocation="pca"), data=data)
+    from dpruner.methods.spp import SPPConfig
+
+    with pytest.raises(InputError, match="--allocation uniform or global"):
+        run("spp", model, example, SPPConfig(ratio=2.0, allocation="sensitivity"), data=data,
+            train=TrainConfig(epochs=1))
+
+
 def test_kernel_config_checks():
     with pytest.raises(InputError, match="give --sparsity"):
         CoarseConfig(granularity="kernel", ratio=2.0)

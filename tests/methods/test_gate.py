@@ -136,17 +136,15 @@ def test_gate_reaches_the_ratio_on_digits_and_leaves_no_scorers(digits):
 
 def test_a_step_past_the_tolerance_is_rolled_back(digits, monkeypatch):
     """Validation after a removal below the floor: the step is undone and the run stops there."""
-    import dpruner.train.evaluate as evaluate_module
+    import dpruner.methods.gate as gate
 
-    class Zero:
-        accuracy = 0.0
-
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: Zero())
+    monkeypatch.setattr(gate, "step_accuracy", lambda *args: 0.0)
     model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
     result = run("gate", model, torch.randn(1, 1, 8, 8),
                  GateConfig(tolerance=0.01, prune_every=0.5, threshold=0.99), data=digits,
                  train=TrainConfig(epochs=2, quiet=True))
     assert result.details["gate"]["stopped_by"] == "tolerance" and result.plans == []
+    assert not result.target_met  # nothing pruned is no success, as for the tolerance controller
     assert result.history[-1]["action"] == "rolled back"
     assert result.after["params"] == result.before["params"]
 
