@@ -10,5 +10,10 @@ $PY bench/methods.py
 # fine-tuned table (ResNet-56, the same budget for every row), most important rows first
 $PY bench/methods_finetune.py --seeds 0 --rows dense random l1 "taylor + sensitivity" "tp magnitude" "tp taylor" \
   taylor "l1 + sensitivity" fpgm activation pca-gm "tolerance 1% l1" "tolerance 1% taylor" "modelopt fastnas"
-# two more seeds for the rows the comparison rests on: dpruner's best two and the peer's two
-$PY bench/methods_finetune.py --seeds 1 2 --rows "l1 + sensitivity" "taylor + sensitivity" "tp taylor" "tp magnitude"
+# two more seeds for the rows the comparison rests on: dpruner's best and the peer's best
+$PY bench/methods_finetune.py --seeds 1 2 --rows "l1 + sensitivity" "tp magnitude"
+# methods that learn while fine-tuning (same budget), next to the random and l1 rows above
+$PY bench/methods_finetune.py --seeds 0 --rows gate "gate tolerance 1%" spp "spp A=0.2" coarse \
+  "coarse kernel 0.5" "fpgm soft"
+# the remaining seeds of the comparison
+$PY bench/methods_finetune.py --seeds 1 2 --rows "taylor + sensitivity" "tp taylor" random l1

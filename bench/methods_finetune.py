@@ -54,6 +54,7 @@ ROWS = {
     "spp": ("spp", {}),
     "spp A=0.2": ("spp", {"A": 0.2}),
     "coarse": ("coarse", {"candidates": 20, "eval_batches": 8}),
+    "coarse kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 20, "eval_batches": 8}),
     "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),
     "gate tolerance 1%": ("gate", {"tolerance": 0.01, "prune_every": 0.2}),
     "tolerance 1% l1": ("tolerance", "l1"),
@@ -179,6 +180,17 @@ def run_row(row: str, seed: int, args) -> dict:
         extra = {"soft": result.details["soft"], "target_met": result.target_met}
         prune_s = time.perf_counter() - start
         pruned_acc = None  # channels are re-chosen while fine-tuning
+    elif kind == "coarse" and spec_row.get("granularity") == "kernel":
+        from dpruner.methods.coarse import CoarseConfig
+        from dpruner.methods.run import run
+
+        # zeroed kernels must stay zero while retraining, so the method retrains (KernelMasks) within the budget
+        result = run("coarse", original, example, CoarseConfig(seed=seed, **spec_row), data=data, train=config)
+        model = result.model
+        extra = {"coarse": {k: v for k, v in result.details["coarse"].items() if k != "layers"},
+                 "target_met": result.target_met}
+        prune_s = time.perf_counter() - start
+        pruned_acc = None  # retrained inside the method
     elif kind == "coarse":
         from dpruner.methods.coarse import CoarseConfig
         from dpruner.methods.run import run
@@ -253,7 +265,9 @@ def table(path: Path) -> str:
         def cell(values):
             return " / ".join("-" if v is None else f"{100 * v:.1f}" for v in values)
 
-        lines.append(f"| {name} | {found[0]['ratio']['macs']:.2f} | {found[0]['ratio']['params']:.2f} | "
+        sparsity = (found[0].get("coarse") or {}).get("kernel_sparsity")
+        label = name if sparsity is None else f"{name} (kernel sparsity {sparsity:.2f}, not in MACs x)"
+        lines.append(f"| {label} | {found[0]['ratio']['macs']:.2f} | {found[0]['ratio']['params']:.2f} | "
                      f"{cell([r['pruned']['test'] if r['pruned'] else None for r in found])} | "
                      f"{cell([r['test'] for r in found])} | {cell([r['val'] for r in found])} | "
                      + " / ".join(f"{r['wall_s'] / 60:.1f} min" for r in found) + " |")
