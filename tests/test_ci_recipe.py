@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from tests.conftest import ROOT, SAMPLE_MODELS
@@ -19,10 +20,17 @@ def workflow_commands() -> list[str]:
     return [line.strip() for line in block.splitlines() if line.strip().startswith("dpruner ")]
 
 
-def run_recipe(tmp_path: Path, tolerance: str, extra: str = "") -> list[subprocess.CompletedProcess]:
+def workflow_gates() -> str:
+    text = (ROOT / "docs" / "ci.md").read_text()
+    return re.search(r'^\s*GATES: "(.*)"$', text, re.M).group(1)
+
+
+def run_recipe(tmp_path: Path, tolerance: str, extra: str = "", gates: str | None = None
+               ) -> list[subprocess.CompletedProcess]:
+    gates = workflow_gates() if gates is None else gates
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "MODEL": str(SAMPLE_MODELS / "digits_vgg.pt"), "DPRUNER_ARCH": extra, "DATA": "digits",
-           "TOLERANCE": tolerance, "BUDGET": "3", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+           "TOLERANCE": tolerance, "BUDGET": "3", "GATES": gates, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     (tmp_path / "out").mkdir()
     results = []
     for command in workflow_commands():
@@ -52,6 +60,17 @@ def test_recipe_end_to_end_on_the_sample_model(tmp_path):
     assert (out / "small.onnx").is_file()
     markdown = (out / "report.md").read_text()
     assert "| MACs |" in markdown and "verification passed" in markdown
+    assert [g["passed"] for g in report["gates"]] == [True, True] and "gates passed" in markdown
+    assert ET.parse(out / "gates.xml").getroot().find("testsuite").get("tests") == "2"
+
+
+def test_recipe_fails_the_job_when_a_gate_fails(tmp_path):
+    prune, export = run_recipe(tmp_path, "1%", gates="--require macs>=1000")
+    assert prune.returncode == 0 and export.returncode == 1
+    assert "error: gate failed: macs>=1000 fails" in export.stderr
+    assert (tmp_path / "out" / "small.onnx").is_file()  # uploaded with the report for a look at what failed
+    failure = ET.parse(tmp_path / "out" / "gates.xml").getroot().find("testsuite/testcase/failure")
+    assert "macs is" in failure.get("message")
 
 
 def test_recipe_fails_the_job_when_the_tolerance_cannot_be_met(tmp_path):

@@ -9,7 +9,8 @@ import typer
 
 from dpruner.cli import training as t
 from dpruner.cli.errors import handle_errors
-from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt
+from dpruner.cli.options import (ArchOpt, InputShapeOpt, JsonOpt, JunitOpt, ModelArg, NumClassesOpt, RequireOpt,
+                                 TrustOpt)
 from dpruner.cli.output import emit_json, print_error, stdout_console
 
 HELP = "Export to ONNX, verify it in ONNX Runtime against PyTorch, and report size, MACs and latency (vs --baseline)."
@@ -38,6 +39,8 @@ def export(
     threads: ThreadsOpt = None,
     latency: LatencyOpt = True,
     memory: Annotated[bool, typer.Option("--memory", help="Also measure the peak memory of one forward per runtime and batch (a fresh process each; adds seconds).")] = False,
+    require: RequireOpt = None,
+    junit: JunitOpt = None,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
     val_from: t.ValFromOpt = "train",
@@ -54,8 +57,8 @@ def export(
     from dpruner.errors import EXIT_VERIFICATION_FAILED
     from dpruner.export.api import export_model
     from dpruner import validate
-    from dpruner.cli.report import (accuracy_of, check_batches, check_threads, load_side, parse_batches,
-                                    write_markdown)
+    from dpruner.cli.report import (accuracy_of, apply_gates, check_batches, check_threads, fail_on_gates,
+                                    load_side, parse_batches, prepare_gates, print_gates, write_markdown)
     from dpruner.export.onnx import check_export_options
     from dpruner.io.atomic import check_not_input, check_output_path
     from dpruner.report.latency import default_threads
@@ -72,6 +75,8 @@ def export(
     check_export_options(opset=opset, exporter=exporter)
     n_threads = check_threads(threads) or default_threads()
     sizes = parse_batches(batches)
+    gates = prepare_gates(require, junit, inputs=inputs, outputs=[onnx, *([markdown] if markdown else [])],
+                          data=data is not None, latency=latency, before=baseline is not None, batches=sizes)
     after_loaded, shape = load_side(model, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
                                     input_shape=input_shape)
     check_batches(sizes, shape)
@@ -95,6 +100,7 @@ def export(
         doc = _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, sizes, n_threads, latency,
                       memory, opset, exporter, static_batch, onnx, accuracy, base_accuracy)
         title = f"{baseline} -> {model}" if baseline else str(model)
+        results = apply_gates(doc, gates, junit, inputs)
         if markdown is not None:
             write_markdown(markdown, doc, title, inputs)
     except BaseException:  # a failure after the ONNX file appeared (e.g. the report's disk is full): take it back
@@ -111,12 +117,14 @@ def export(
         out.print(verification_line(doc))
         if result.info.note:
             out.print(f"[yellow]note:[/yellow] {result.info.note}")
+        print_gates(out, results)
         out.print(f"[dim]{footer(doc)}[/dim]")
     if not result.verification.passed:
         print_error(
             f"verification failed: {result.verification.failure()}; "
             + (f"'{onnx}' was kept (--keep-on-failure)." if written else "no file was written."))
         raise typer.Exit(EXIT_VERIFICATION_FAILED)
+    fail_on_gates(results)
 
 
 def _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, sizes, n_threads, latency, memory,

@@ -9,7 +9,7 @@ import typer
 
 from dpruner.cli import training as t
 from dpruner.cli.errors import handle_errors
-from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, NumClassesOpt, TrustOpt
+from dpruner.cli.options import ArchOpt, InputShapeOpt, JsonOpt, JunitOpt, NumClassesOpt, RequireOpt, TrustOpt
 from dpruner.cli.output import emit_json, stdout_console
 
 HELP = "Compare two models side by side: params, MACs, file sizes, PyTorch and ONNX Runtime latency, accuracy with --data."
@@ -86,6 +86,55 @@ def facts_for(model, shape, path, bundle, batches, threads, latency, onnx_path=N
                          threads=threads, latency=latency, accuracy=accuracy, memory=memory, export=export)
 
 
+def prepare_gates(require, junit, *, inputs, outputs=(), data: bool, latency: bool, before: bool,
+                  batches: tuple[int, ...]):
+    """Parse --require and check --junit before any slow work: a gate the run would not measure is a usage error."""
+    from dpruner.io.atomic import check_not_input, check_output_path
+    from dpruner.report.gates import check_measurable, parse_gate
+
+    gates = [parse_gate(text) for text in require or ()]
+    if junit is not None:
+        if not gates:
+            from dpruner.errors import InputError
+
+            raise InputError("--junit writes the --require gates: give at least one --require.")
+        check_output_path(junit, "--junit")
+        check_not_input(junit, [*inputs, *outputs])
+    check_measurable(gates, data=data, latency=latency, before=before, batches=batches)
+    return gates
+
+
+def apply_gates(doc: dict, gates, junit, inputs) -> list:
+    """Evaluate the gates into the report (doc['gates']) and write --junit; returns the results."""
+    from dpruner.io.atomic import atomic_write_bytes
+    from dpruner.report.gates import evaluate_gates, junit_xml
+
+    if not gates:
+        return []
+    results = evaluate_gates(doc, gates)
+    doc["gates"] = [r.to_json() for r in results]
+    if junit is not None:
+        atomic_write_bytes(junit, junit_xml(results).encode(), inputs=inputs)
+    return results
+
+
+def fail_on_gates(results) -> None:
+    """Exit 1 with one line naming every failed gate."""
+    failed = [r for r in results if not r.passed]
+    if failed:
+        from dpruner.cli.output import print_error
+        from dpruner.errors import EXIT_TARGET_NOT_MET
+
+        print_error("gate failed: " + " ".join(r.reason for r in failed))
+        raise typer.Exit(EXIT_TARGET_NOT_MET)
+
+
+def print_gates(out, results) -> None:
+    for r in results:
+        mark = "[green]pass[/green]" if r.passed else "[red]FAIL[/red]"
+        out.print(f"gate {mark} {r.reason}")
+
+
 def write_markdown(path: Path, doc: dict, title: str, inputs) -> None:
     from dpruner.io.atomic import atomic_write_bytes
     from dpruner.report.render import markdown
@@ -103,6 +152,8 @@ def report(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op threads (default: all cores).")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure latency.")] = True,
     memory: Annotated[bool, typer.Option("--memory", help="Also measure the peak memory of one forward per runtime and batch (a fresh process each; adds seconds).")] = False,
+    require: RequireOpt = None,
+    junit: JunitOpt = None,
     batch_size: t.BatchSizeOpt = 128,
     val_fraction: t.ValFractionOpt = 0.1,
     val_from: t.ValFromOpt = "train",
@@ -129,6 +180,8 @@ def report(
         check_not_input(markdown, [before, after])
     n_threads = check_threads(threads) or default_threads()
     sizes = parse_batches(batches)
+    gates = prepare_gates(require, junit, inputs=[before, after], outputs=[markdown] if markdown else [],
+                          data=data is not None, latency=latency, before=True, batches=sizes)
     after_loaded, shape = load_side(after, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
                                     input_shape=input_shape)
     check_batches(sizes, shape)
@@ -144,11 +197,14 @@ def report(
                        facts_for(before_loaded.model, shape, before, bundle, sizes, n_threads, latency, memory=memory),
                        threads=n_threads)
     title = f"{before} -> {after}"
+    results = apply_gates(doc, gates, junit, [before, after])
     if markdown is not None:
         write_markdown(markdown, doc, title, [before, after])
     if json_output:
         emit_json(doc)
-        return
-    out = stdout_console()
-    out.print(rich_table(doc, title))
-    out.print(f"[dim]{footer(doc)}[/dim]")
+    else:
+        out = stdout_console()
+        out.print(rich_table(doc, title))
+        print_gates(out, results)
+        out.print(f"[dim]{footer(doc)}[/dim]")
+    fail_on_gates(results)

@@ -88,9 +88,24 @@ def markdown(doc: dict, title: str = "dpruner report") -> str:
     """A compact table for a pull-request comment."""
     lines = [f"### {title}", "", "| | before | after | ratio |", "|---|---:|---:|---:|"]
     lines += [f"| {q} | {b} | {a} | {r} |" for q, b, a, r in rows(doc)]
+    lines += gate_lines(doc)
     extra = [verification_line(doc), footer(doc)]
     lines += [""] + [f"{line}" for line in extra if line]
     return "\n".join(lines) + "\n"
+
+
+def gate_lines(doc: dict) -> list[str]:
+    """The --require gates as a Markdown table; a failed gate is marked in bold so a reviewer sees it first."""
+    gates = doc.get("gates") or []
+    if not gates:
+        return []
+    failed = sum(not g["passed"] for g in gates)
+    head = f"**{failed} of {len(gates)} gates FAILED**" if failed else f"All {len(gates)} gates passed"
+    out = ["", head, "", "| gate | measured | result |", "|---|---:|---|"]
+    for g in gates:
+        value = "not measured" if g["value"] is None else f"{g['value']:.4g} ({g['where']})"
+        out.append(f"| `{g['gate']}` | {value} | {'pass' if g['passed'] else '**FAIL**'} |")
+    return out
 
 
 def rich_table(doc: dict, title: str):
