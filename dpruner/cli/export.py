@@ -13,7 +13,8 @@ from dpruner.cli.options import (ArchOpt, InputShapeOpt, JsonOpt, JunitOpt, Mode
                                  TrustOpt)
 from dpruner.cli.output import emit_json, print_error, stdout_console
 
-HELP = "Export to ONNX, verify it in ONNX Runtime against PyTorch, and report size, MACs and latency (vs --baseline)."
+HELP = ("Export to ONNX (verified in ONNX Runtime) and/or a torch.export .pt2 program (verified after loading it back) "
+        "and report size, MACs and latency (vs --baseline).")
 
 BatchesOpt = Annotated[str, typer.Option("--batches", help="Batch sizes timed, comma-separated.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="Intra-op threads for PyTorch and ONNX Runtime (default: all cores).")]
@@ -24,7 +25,8 @@ LatencyOpt = Annotated[bool, typer.Option("--latency/--no-latency", help="Measur
 @handle_errors
 def export(
     model: ModelArg,
-    onnx: Annotated[Path, typer.Option("--onnx", help="Where to write the ONNX file (never an input file).")],
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Where to write the ONNX file (never an input file).")] = None,
+    torch_program: Annotated[Optional[Path], typer.Option("--torch", help="Also (or instead) write a torch.export program (.pt2, dynamic batch) that torch.export.load runs with only torch installed: no dpruner, no model code.")] = None,
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="The original model: adds the before column and ratios.")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 17,
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (default: torch.onnx.export(dynamo=False)) or dynamo.")] = "torchscript",
@@ -53,9 +55,10 @@ def export(
     trust_checkpoint: TrustOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Export MODEL to ONNX and report on it."""
+    """Export MODEL to ONNX and/or a .pt2 program and report on it."""
     from dpruner.errors import EXIT_VERIFICATION_FAILED
-    from dpruner.export.api import export_model
+    from dpruner.errors import InputError
+    from dpruner.export.api import export_model, export_torch_program
     from dpruner import validate
     from dpruner.cli.report import (accuracy_of, apply_gates, check_batches, check_threads, fail_on_gates,
                                     load_side, parse_batches, prepare_gates, print_gates, write_markdown)
@@ -65,17 +68,23 @@ def export(
 
     # Every input is read and checked before anything is written: a bad --baseline or --data leaves no file behind.
     inputs = [model, baseline]
-    check_output_path(onnx, "--onnx")
-    check_not_input(onnx, inputs)
+    if onnx is None and torch_program is None:
+        raise InputError("Give --onnx FILE.onnx and/or --torch FILE.pt2: what to export.")
+    outputs = []
+    for path, flag in ((onnx, "--onnx"), (torch_program, "--torch")):
+        if path is not None:
+            check_output_path(path, flag)
+            check_not_input(path, [*inputs, *outputs])
+            outputs.append(path)
     if markdown is not None:
         check_output_path(markdown, "--markdown")
-        check_not_input(markdown, [*inputs, onnx])
+        check_not_input(markdown, [*inputs, *outputs])
     validate.number(atol, "--atol", low=0)
     validate.number(rtol, "--rtol", low=0, high=1)
     check_export_options(opset=opset, exporter=exporter)
     n_threads = check_threads(threads) or default_threads()
     sizes = parse_batches(batches)
-    gates = prepare_gates(require, junit, inputs=inputs, outputs=[onnx, *([markdown] if markdown else [])],
+    gates = prepare_gates(require, junit, inputs=inputs, outputs=[*outputs, *([markdown] if markdown else [])],
                           data=data is not None, latency=latency, before=baseline is not None, batches=sizes)
     after_loaded, shape = load_side(model, arch=arch, num_classes=num_classes, trust=trust_checkpoint,
                                     input_shape=input_shape)
@@ -92,37 +101,57 @@ def export(
                                val_fraction=val_fraction, val_from=val_from, seed=0, download=False, ctx=DistContext(), mean=mean, std=std)
     accuracy = accuracy_of(after_loaded.model, bundle)  # reads every batch: bad data fails here, before any write
     base_accuracy = accuracy_of(base_loaded.model, bundle) if base_loaded is not None else None
-    result = export_model(after_loaded.model, shape, onnx, inputs=inputs, opset=opset, dynamic_batch=not static_batch,
-                          exporter=exporter, simplify=simplify, atol=atol, rtol=rtol, keep_on_failure=keep_on_failure,
-                          loader=bundle.test or bundle.val if bundle else None)
-    written = result.written
+    loader = bundle.test or bundle.val if bundle else None
+    result = program = None
+    written = []  # files in place: taken back if a later step fails
     try:
+        if onnx is not None:
+            result = export_model(after_loaded.model, shape, onnx, inputs=inputs, opset=opset,
+                                  dynamic_batch=not static_batch, exporter=exporter, simplify=simplify, atol=atol,
+                                  rtol=rtol, keep_on_failure=keep_on_failure, loader=loader)
+            written += [onnx] if result.written else []
+        if torch_program is not None:
+            program = export_torch_program(after_loaded.model, shape, torch_program, inputs=inputs,
+                                           dynamic_batch=not static_batch, atol=atol, rtol=rtol,
+                                           keep_on_failure=keep_on_failure, loader=loader)
+            written += [torch_program] if program.written else []
         doc = _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, sizes, n_threads, latency,
                       memory, opset, exporter, static_batch, onnx, accuracy, base_accuracy)
+        if program is not None:
+            doc["torch_export"] = {**program.info.to_json(), "written": program.written,
+                                   "verification": program.verification.to_json()}
         title = f"{baseline} -> {model}" if baseline else str(model)
         results = apply_gates(doc, gates, junit, inputs)
         if markdown is not None:
             write_markdown(markdown, doc, title, inputs)
-    except BaseException:  # a failure after the ONNX file appeared (e.g. the report's disk is full): take it back
-        if written:
-            onnx.unlink(missing_ok=True)
+    except BaseException:  # a failure after a file appeared (e.g. the report's disk is full): take it back
+        for path in written:
+            path.unlink(missing_ok=True)
         raise
     if json_output:
         emit_json(doc)
     else:
-        from dpruner.report.render import footer, rich_table, verification_line
+        from dpruner.report.render import footer, program_line, rich_table, verification_line
 
         out = stdout_console()
         out.print(rich_table(doc, title))
-        out.print(verification_line(doc))
-        if result.info.note:
-            out.print(f"[yellow]note:[/yellow] {result.info.note}")
+        for line in (verification_line(doc), program_line(doc)):
+            if line:
+                out.print(line)
+        for done in (result, program):
+            if done is not None and done.info.note:
+                out.print(f"[yellow]note:[/yellow] {done.info.note}")
         print_gates(out, results)
         out.print(f"[dim]{footer(doc)}[/dim]")
-    if not result.verification.passed:
-        print_error(
-            f"verification failed: {result.verification.failure()}; "
-            + (f"'{onnx}' was kept (--keep-on-failure)." if written else "no file was written."))
+    failed = [(done, path) for done, path in ((result, onnx), (program, torch_program))
+              if done is not None and not done.verification.passed]
+    if failed:
+        both = onnx is not None and torch_program is not None
+        print_error("verification failed: " + " ".join(
+            (f"{path.name}: " if both else "") + f"{done.verification.failure()}; "
+            + (f"'{path}' was kept (--keep-on-failure)." if done.written
+               else f"'{path}' was not written." if both else "no file was written.")
+            for done, path in failed))
         raise typer.Exit(EXIT_VERIFICATION_FAILED)
     fail_on_gates(results)
 
@@ -133,7 +162,7 @@ def _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, s
     from dpruner.cli.report import facts_for
     from dpruner.report.compare import build_report
 
-    written = result.written
+    written = result is not None and result.written
     # latency runs at every --batches size: where the written file cannot (a static batch), a twin is timed
     settings = {"opset": opset, "exporter": exporter}
     after = facts_for(after_loaded.model, shape, model, bundle, sizes, n_threads, latency,
@@ -145,5 +174,7 @@ def _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, s
     if base_loaded is not None:
         before = facts_for(base_loaded.model, shape, baseline, bundle, sizes, n_threads, latency, memory=memory,
                            export=settings, accuracy=base_accuracy)
+    if result is None:  # --torch only: the report's .onnx size and latency come from a temporary export
+        return build_report(after, before, threads=n_threads)
     return build_report(after, before, threads=n_threads, onnx={**result.info.to_json(), "written": written},
                         verification=result.verification.to_json())

@@ -12,18 +12,20 @@ from typing import Iterable
 from torch import nn
 
 from dpruner.export.onnx import DEFAULT_OPSET, ExportInfo, check_onnx, export_onnx, simplify_onnx
-from dpruner.export.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verification, verify_onnx
+from dpruner.export.program import ProgramInfo, export_program
+from dpruner.export.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verification, verify_onnx, verify_program
 from dpruner.io.atomic import check_not_input
 
 
 @dataclass
 class ExportResult:
-    info: ExportInfo
+    info: ExportInfo | ProgramInfo
     verification: Verification  # of the file that was (or would have been) written
     written: bool  # False: verification failed and the file was discarded
 
     def to_json(self) -> dict:
-        return {"onnx": self.info.to_json(), "verification": self.verification.to_json(), "written": self.written}
+        key = "onnx" if isinstance(self.info, ExportInfo) else "torch_export"
+        return {key: self.info.to_json(), "verification": self.verification.to_json(), "written": self.written}
 
 
 def _is_runtime_failure(exc: BaseException) -> bool:
@@ -84,3 +86,44 @@ def export_model(model: nn.Module, input_shape: tuple[int, ...], output: str | o
     finally:
         tmp.unlink(missing_ok=True)
         slim.unlink(missing_ok=True)
+
+
+def export_torch_program(model: nn.Module, input_shape: tuple[int, ...], output: str | os.PathLike, *,
+                         inputs: Iterable = (), dynamic_batch: bool = True, atol: float = DEFAULT_ATOL,
+                         rtol: float = DEFAULT_RTOL, keep_on_failure: bool = False, loader=None) -> ExportResult:
+    """Export `model` as a torch.export program (.pt2) at `output`, load it back with torch.export.load and verify
+    it against the model like an ONNX file. Atomic; never overwrites an input; a failed verification leaves no
+    file unless keep_on_failure. A forward that fixes the batch falls back to a static batch, with a note."""
+    from dpruner.errors import InputError, UnsupportedError
+
+    output = Path(output)
+    check_not_input(output, inputs)
+    folder = output.parent if str(output.parent) else Path(".")
+    if output.is_dir() or not folder.is_dir():
+        raise InputError(f"Cannot write '{output}': give a file name in an existing folder.")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp.pt2", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        def attempt(dynamic: bool):
+            info = export_program(model, input_shape, tmp, dynamic_batch=dynamic)
+            return info, verify_program(model, tmp, input_shape, dynamic_batch=dynamic, atol=atol, rtol=rtol,
+                                        loader=loader)
+
+        try:
+            info, verification = attempt(dynamic_batch)
+        except UnsupportedError:
+            if not dynamic_batch:
+                raise
+            info, verification = attempt(False)
+            info = ProgramInfo(**{**info.__dict__, "note": (
+                f"exported with a static batch of {input_shape[0]}: torch.export could not keep the batch dynamic "
+                "(the model's forward fixes it)")})
+        info = ProgramInfo(**{**info.__dict__, "path": str(output)})
+        written = verification.passed or keep_on_failure
+        if written:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, output)
+        return ExportResult(info, verification, written)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,5 +1,5 @@
-"""Verification of an exported file: ONNX Runtime (CPU provider) against PyTorch on random inputs at two batch
-sizes, and on real images when a loader is given."""
+"""Verification of an exported file against PyTorch on random inputs at two batch sizes, and on real images when a
+loader is given: an ONNX file in ONNX Runtime (CPU provider), or a torch.export program (.pt2) loaded back."""
 
 from __future__ import annotations
 
@@ -34,10 +34,18 @@ class Verification:
     batch_sizes: list[int] = field(default_factory=list)
     real_data: bool = False
     provider: str = "CPUExecutionProvider"
-    nonfinite: dict = field(default_factory=lambda: {"torch": 0, "onnxruntime": 0})  # counts per side
+    nonfinite: dict = field(default_factory=dict)  # non-finite counts per side: torch and `runtime`
+    runtime: str = "onnxruntime"  # what runs the exported file: onnxruntime, or torch.export for a .pt2 program
     nonfinite_agree: bool = True
     mismatch: str | None = None  # outputs of different number or shape
     partial: list = field(default_factory=list)  # outputs whose length depends on the values, compared on common rows
+
+    def __post_init__(self):
+        self.nonfinite = {"torch": 0, self.runtime: 0, **self.nonfinite}
+
+    @property
+    def runtime_name(self) -> str:
+        return {"onnxruntime": "ONNX Runtime", "torch.export": "the exported program"}.get(self.runtime, self.runtime)
 
     @property
     def passed(self) -> bool:
@@ -48,15 +56,15 @@ class Verification:
         if self.mismatch is not None:
             return self.mismatch
         if not self.nonfinite_agree:
-            n_torch, n_ort = self.nonfinite["torch"], self.nonfinite["onnxruntime"]
+            n_torch, n_ort = self.nonfinite["torch"], self.nonfinite[self.runtime]
             if n_torch and n_ort:
-                return (f"both runtimes produce non-finite outputs (NaN/inf: PyTorch {n_torch}, ONNX Runtime {n_ort}) "
-                        "but not the same ones")
-            side = "PyTorch" if n_torch else "ONNX Runtime"
+                return (f"both runtimes produce non-finite outputs (NaN/inf: PyTorch {n_torch}, {self.runtime_name} "
+                        f"{n_ort}) but not the same ones")
+            side = "PyTorch" if n_torch else self.runtime_name
             return (f"{side} produces {n_torch or n_ort} non-finite outputs (NaN/inf) where the other runtime does "
                     "not (a NaN/inf weight or an overflow?)")
         if not self.within:
-            return (f"ONNX Runtime's outputs differ from PyTorch's by up to {self.max_abs_diff:.3g} (more than --atol "
+            return (f"{self.runtime_name}'s outputs differ from PyTorch's by up to {self.max_abs_diff:.3g} (more than --atol "
                     f"{self.atol:g} + --rtol {self.rtol:g} x the output's largest value)")
         return None
 
@@ -66,7 +74,8 @@ class Verification:
                 "max_rel_diff": self.max_rel_diff, "top1_agreement": self.top1_agreement, "samples": self.samples,
                 "batch_sizes": self.batch_sizes, "real_data": self.real_data, "provider": self.provider,
                 "nonfinite": dict(self.nonfinite), "nonfinite_agree": self.nonfinite_agree,
-                "mismatch": self.mismatch, "partial": self.partial, "failure": self.failure()}
+                "mismatch": self.mismatch, "partial": self.partial, "failure": self.failure(),
+                "runtime": self.runtime}
 
 
 def flatten_outputs(value) -> list:
@@ -86,7 +95,7 @@ def compare_outputs(expected: np.ndarray, got: np.ndarray, result: Verification)
     max rel) difference."""
     bad_e, bad_g = ~np.isfinite(expected), ~np.isfinite(got)
     result.nonfinite["torch"] += int(bad_e.sum())
-    result.nonfinite["onnxruntime"] += int(bad_g.sum())
+    result.nonfinite[result.runtime] += int(bad_g.sum())
     if bad_e.any() or bad_g.any():
         same = np.array_equal(bad_e, bad_g) and np.array_equal(expected[bad_e], got[bad_g], equal_nan=True)
         result.nonfinite_agree = result.nonfinite_agree and bool(same)
@@ -163,9 +172,9 @@ def _compare_row_sets(expected: list, got: list, names: list[str], result: Verif
     result.max_abs_diff = max(result.max_abs_diff, worst)
     label = ", ".join(names)
     result.partial.append(f"{label}: {share:.1%} of {n} rows matched as sets (PyTorch {len(expected[0])} rows, "
-                          f"ONNX Runtime {len(got[0])}; their order and count depend on near-tied scores)")
+                          f"{result.runtime_name} {len(got[0])}; their order and count depend on near-tied scores)")
     if share < ROW_MATCH_MIN:
-        result.mismatch = (f"only {share:.1%} of the rows of {label} match between PyTorch and ONNX Runtime "
+        result.mismatch = (f"only {share:.1%} of the rows of {label} match between PyTorch and {result.runtime_name} "
                            f"(at least {ROW_MATCH_MIN:.0%} required)")
 
 
@@ -192,7 +201,36 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     session = ort_session(path)
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
-    result = Verification(atol=atol, rtol=rtol)
+    return verify_runner(model, lambda x: session.run(None, {name: x.numpy().astype(np.float32)}), names,
+                         input_shape, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol, loader=loader,
+                         max_batches=max_batches, seed=seed)
+
+
+def verify_program(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], *,
+                   dynamic_batch: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, loader=None,
+                   max_batches: int = 4, seed: int = 0) -> Verification:
+    """verify_onnx's comparison for a torch.export program file: loaded back with torch.export.load (what a user
+    without dpruner does) and run on the same inputs."""
+    from dpruner.export.onnx import output_names
+
+    program = torch.export.load(str(path)).module()
+
+    def run(x):
+        return [o.detach().float().numpy() for o in flatten_outputs(program(x)) if isinstance(o, torch.Tensor)]
+
+    with torch.no_grad():
+        names = output_names(model.eval()(torch.randn(1 if dynamic_batch else input_shape[0], *input_shape[1:])))
+    return verify_runner(model, run, names, input_shape, dynamic_batch=dynamic_batch, atol=atol, rtol=rtol,
+                         loader=loader, max_batches=max_batches, seed=seed, runtime="torch.export",
+                         provider="torch.export.load (CPU)")
+
+
+def verify_runner(model: nn.Module, run, names: list[str], input_shape: tuple[int, ...], *, dynamic_batch: bool,
+                  atol: float, rtol: float, loader, max_batches: int, seed: int, runtime: str = "onnxruntime",
+                  provider: str = "CPUExecutionProvider") -> Verification:
+    """The comparison behind verify_onnx and verify_program: `run(x)` returns the exported file's outputs (numpy,
+    flattened in export order) for a torch batch `x`."""
+    result = Verification(atol=atol, rtol=rtol, runtime=runtime, provider=provider)
     gen = torch.Generator().manual_seed(seed)
     sizes = [1, max(8, input_shape[0])] if dynamic_batch else [input_shape[0]]
     batches = [torch.randn(n, *input_shape[1:], generator=gen) for n in sizes]
@@ -213,9 +251,10 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
     with torch.no_grad():
         for x in batches:
             outputs = [o.float().numpy() for o in flatten_outputs(model(x)) if isinstance(o, torch.Tensor)]
-            got_all = session.run(None, {name: x.numpy().astype(np.float32)})
+            got_all = run(x)
             if len(outputs) != len(got_all):
-                result.mismatch = f"PyTorch returns {len(outputs)} outputs and ONNX Runtime {len(got_all)}"
+                result.mismatch = (f"PyTorch returns {len(outputs)} outputs and {result.runtime_name} "
+                                   f"{len(got_all)}")
             row_groups = _row_groups(outputs, got_all, x.shape[0])
             matched_rows = {i for group in row_groups for i in group if not _same_rows(outputs, got_all, group, result)}
             for group in row_groups:
@@ -230,7 +269,7 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
                     continue  # compared as a set of rows above
                 if expected.shape != got.shape:
                     result.mismatch = (f"output '{entry['name']}' has shape {list(expected.shape)} in PyTorch "
-                                       f"and {list(got.shape)} in ONNX Runtime")
+                                       f"and {list(got.shape)} in {result.runtime_name}")
                     continue
                 diff, rel = compare_outputs(expected, got, result)
                 entry["max_abs_diff"], entry["max_rel_diff"] = max(entry["max_abs_diff"], diff), max(entry["max_rel_diff"], rel)

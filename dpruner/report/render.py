@@ -77,6 +77,21 @@ def verification_line(doc: dict) -> str | None:
                if v.get("nonfinite_agree") and (v.get("nonfinite") or {}).get("torch") else ""))
 
 
+def program_line(doc: dict) -> str | None:
+    """One line on the torch.export program (`export --torch`): where, its batch, and its verification."""
+    program = doc.get("torch_export")
+    if not program:
+        return None
+    v = program["verification"]
+    status = "passed" if v["passed"] else "FAILED"
+    where = "random + real data" if v["real_data"] else "random inputs"
+    return (f"torch.export program ({_size(program['file_bytes'])}, "
+            f"{'dynamic' if program['dynamic_batch'] else 'static'} batch) verification {status} after "
+            f"torch.export.load: max abs diff {v['max_abs_diff']:.2e}, top-1 agreement "
+            f"{100 * v['top1_agreement']:.2f}% over {v['samples']} samples ({where})."
+            + (f" Failed: {v['failure']}." if v.get("failure") else ""))
+
+
 def footer(doc: dict) -> str:
     env = doc["environment"]
     return (f"Latency: median and p90 of timed runs after warm-up, {env['threads']} intra-op threads, torch "
@@ -89,7 +104,7 @@ def markdown(doc: dict, title: str = "dpruner report") -> str:
     lines = [f"### {title}", "", "| | before | after | ratio |", "|---|---:|---:|---:|"]
     lines += [f"| {q} | {b} | {a} | {r} |" for q, b, a, r in rows(doc)]
     lines += gate_lines(doc)
-    extra = [verification_line(doc), footer(doc)]
+    extra = [verification_line(doc), program_line(doc), footer(doc)]
     lines += [""] + [f"{line}" for line in extra if line]
     return "\n".join(lines) + "\n"
 
