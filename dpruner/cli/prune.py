@@ -68,7 +68,9 @@ def prune(
     sensitivity_batches: t.SensitivityBatchesOpt = 8,
     pca_energy: Annotated[Optional[float], typer.Option("--pca-energy", help="With --allocation pca or --method pca-gm instead of --ratio: the share of each group's activation variance its kept width must explain, e.g. 0.99.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Protect layers whose name matches this glob (repeatable), e.g. 'features.0*'.")] = None,
-    round_to: Annotated[int, typer.Option("--round-to", min=1, help="Keep each group's channel count a multiple of this (e.g. 8).")] = 1,
+    round_to: Annotated[str, typer.Option("--round-to", help="Keep each group's channel count a multiple of this (e.g. 8), or auto: the multiple --runtime computes in on this machine (16 for ONNX Runtime on AVX-512, 8 on AVX2; docs/pruning.md).")] = "1",
+    runtime: Annotated[str, typer.Option("--runtime", help="Where the pruned model will run, for --round-to auto: onnxruntime or torch (on this CPU) or cuda (an NVIDIA GPU).")] = "onnxruntime",
+    precision: Annotated[str, typer.Option("--precision", help="The precision it will run at, for --round-to auto: float32, float16, bfloat16 (cuda) or int8.")] = "float32",
     max_fraction: Annotated[float, typer.Option("--max-fraction", help="At most this share of any group is removed.")] = 0.9,
     seed: t.SeedOpt = 0,
     arch: ArchOpt = None,
@@ -105,6 +107,14 @@ def prune(
                          "has nothing to resume.")
     # every option is checked before the model is loaded, so a typo costs nothing and nothing is written
     err = stderr_console()
+    from dpruner.runtime.widths import auto_round_to, parse_round_to
+
+    round_to, rounding = parse_round_to(round_to), None
+    if round_to == "auto":
+        rounding = auto_round_to(runtime=runtime, precision=precision)
+        round_to = rounding.multiple
+        if not quiet:
+            err.print(f"[dim]--round-to auto: {round_to} ({rounding.reason})[/dim]")
     method, criterion = resolve(method, criterion, tolerance=tolerance is not None)
     if soft and method != "one-shot":
         raise InputError(f"--soft is a fine-tuning schedule of one-shot pruning (--ratio with --data), not of "
@@ -192,6 +202,8 @@ def prune(
         if not ctx.is_main:
             return
     document.update(result.to_json())
+    if rounding is not None:
+        document["round_to"] = {**rounding.to_json(), "runtime": runtime, "precision": precision}
     # without data the pruned model is written even when the ratio was missed (exit 4 says so); with data a run
     # that missed its goal (a tolerance not met even by the first step) writes nothing
     write = result.target_met or data is None

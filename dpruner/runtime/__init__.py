@@ -1,0 +1,1 @@
+"""Knowledge of the runtimes a pruned model is deployed on: channel multiples they compute in (widths.py)."""
