@@ -34,6 +34,9 @@ def export(
     simplify: Annotated[bool, typer.Option("--simplify", help="Simplify the graph with onnxslim; the result is verified the same way.")] = False,
     atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance: every output element must satisfy |onnxruntime - torch| <= atol + rtol * (the output's largest |torch| value); otherwise exit 3.")] = 1e-4,
     rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance of that rule (large outputs, e.g. random-weight logits, round further).")] = 1e-4,
+    int8: Annotated[bool, typer.Option("--int8", help="Write the --onnx file quantized to INT8 with ONNX Runtime's static quantization (QDQ, per-channel weights) calibrated on --calib-batches training batches of --data, and check it against the float model on the test split (else validation): exit 3 when top-1 drops by more than --int8-tolerance.")] = False,
+    calib_batches: Annotated[int, typer.Option("--calib-batches", min=1, help="--int8: training batches the activation ranges are calibrated on.")] = 8,
+    int8_tolerance: Annotated[str, typer.Option("--int8-tolerance", help="--int8: the most top-1 the INT8 model may lose against the float model, e.g. 1% (points).")] = "1%",
     keep_on_failure: Annotated[bool, typer.Option("--keep-on-failure", help="Write the ONNX file even when verification fails (exit code still 3).")] = False,
     data: t.DataOpt = None,
     markdown: MarkdownOpt = None,
@@ -58,7 +61,7 @@ def export(
     """Export MODEL to ONNX and/or a .pt2 program and report on it."""
     from dpruner.errors import EXIT_VERIFICATION_FAILED
     from dpruner.errors import InputError
-    from dpruner.export.api import export_model, export_torch_program
+    from dpruner.export.api import export_int8, export_model, export_torch_program
     from dpruner import validate
     from dpruner.cli.report import (accuracy_of, apply_gates, check_batches, check_threads, fail_on_gates,
                                     load_side, parse_batches, prepare_gates, print_gates, write_markdown)
@@ -79,6 +82,18 @@ def export(
     if markdown is not None:
         check_output_path(markdown, "--markdown")
         check_not_input(markdown, [*inputs, *outputs])
+    max_drop = None
+    if int8:
+        from dpruner.export.int8 import parse_drop
+
+        if onnx is None:
+            raise InputError("--int8 quantizes the ONNX export: give --onnx FILE.onnx.")
+        if data is None:
+            raise InputError("--int8 calibrates on training images and checks the result on held-out ones: give "
+                             "--data.")
+        if simplify:
+            raise InputError("--int8 runs ONNX Runtime's own graph optimisation before quantizing; drop --simplify.")
+        max_drop = parse_drop(int8_tolerance)
     validate.number(atol, "--atol", low=0)
     validate.number(rtol, "--rtol", low=0, high=1)
     check_export_options(opset=opset, exporter=exporter)
@@ -102,10 +117,18 @@ def export(
     accuracy = accuracy_of(after_loaded.model, bundle)  # reads every batch: bad data fails here, before any write
     base_accuracy = accuracy_of(base_loaded.model, bundle) if base_loaded is not None else None
     loader = bundle.test or bundle.val if bundle else None
-    result = program = None
+    result = program = quantized = None
     written = []  # files in place: taken back if a later step fails
     try:
-        if onnx is not None:
+        if int8:
+            quantized = export_int8(after_loaded.model, shape, onnx, calib_loader=bundle.train, eval_loader=loader,
+                                    eval_split="test" if bundle.test is not None else "val",
+                                    calib_batches=calib_batches, max_drop=max_drop, inputs=inputs, opset=opset,
+                                    dynamic_batch=not static_batch, exporter=exporter, atol=atol, rtol=rtol,
+                                    keep_on_failure=keep_on_failure)
+            result = quantized.float_result
+            written += [onnx] if quantized.written else []
+        elif onnx is not None:
             result = export_model(after_loaded.model, shape, onnx, inputs=inputs, opset=opset,
                                   dynamic_batch=not static_batch, exporter=exporter, simplify=simplify, atol=atol,
                                   rtol=rtol, keep_on_failure=keep_on_failure, loader=loader)
@@ -116,7 +139,7 @@ def export(
                                            keep_on_failure=keep_on_failure, loader=loader)
             written += [torch_program] if program.written else []
         doc = _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, sizes, n_threads, latency,
-                      memory, opset, exporter, static_batch, onnx, accuracy, base_accuracy)
+                      memory, opset, exporter, static_batch, onnx, accuracy, base_accuracy, quantized)
         if program is not None:
             doc["torch_export"] = {**program.info.to_json(), "written": program.written,
                                    "verification": program.verification.to_json()}
@@ -135,7 +158,9 @@ def export(
 
         out = stdout_console()
         out.print(rich_table(doc, title))
-        for line in (verification_line(doc), program_line(doc)):
+        from dpruner.report.render import int8_line
+
+        for line in (verification_line(doc), int8_line(doc), program_line(doc)):
             if line:
                 out.print(line)
         for done in (result, program):
@@ -145,6 +170,11 @@ def export(
         out.print(f"[dim]{footer(doc)}[/dim]")
     failed = [(done, path) for done, path in ((result, onnx), (program, torch_program))
               if done is not None and not done.verification.passed]
+    if quantized is not None and quantized.check is not None and not quantized.check.passed:
+        print_error(f"verification failed: {quantized.check.failure()}; "
+                    + (f"'{onnx}' was kept (--keep-on-failure)." if quantized.written else
+                       f"'{onnx}' was not written."))
+        raise typer.Exit(EXIT_VERIFICATION_FAILED)
     if failed:
         both = onnx is not None and torch_program is not None
         print_error("verification failed: " + " ".join(
@@ -157,12 +187,13 @@ def export(
 
 
 def _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, sizes, n_threads, latency, memory,
-            opset, exporter, static_batch, onnx, accuracy, base_accuracy) -> dict:
+            opset, exporter, static_batch, onnx, accuracy, base_accuracy, quantized=None) -> dict:
     """The before/after report of an export: sizes, MACs, latency (the ONNX file if it was written), accuracy."""
     from dpruner.cli.report import facts_for
     from dpruner.report.compare import build_report
 
-    written = result is not None and result.written
+    # with --int8 the float file was temporary: the float column times its own export, the int8 column the file
+    written = result is not None and result.written and quantized is None
     # latency runs at every --batches size: where the written file cannot (a static batch), a twin is timed
     settings = {"opset": opset, "exporter": exporter}
     after = facts_for(after_loaded.model, shape, model, bundle, sizes, n_threads, latency,
@@ -176,5 +207,21 @@ def _report(result, after_loaded, base_loaded, shape, model, baseline, bundle, s
                            export=settings, accuracy=base_accuracy)
     if result is None:  # --torch only: the report's .onnx size and latency come from a temporary export
         return build_report(after, before, threads=n_threads)
-    return build_report(after, before, threads=n_threads, onnx={**result.info.to_json(), "written": written},
-                        verification=result.verification.to_json())
+    if quantized is None:
+        return build_report(after, before, threads=n_threads, onnx={**result.info.to_json(), "written": written},
+                            verification=result.verification.to_json())
+    from dpruner.report.compare import measure_onnx_file, ratios
+
+    doc = build_report(after, before, threads=n_threads,
+                       onnx={**quantized.info.to_json(), "written": quantized.written, "int8": True},
+                       verification=result.verification.to_json())
+    doc["int8"] = quantized.to_json()
+    if quantized.written and quantized.check is not None:
+        check = quantized.check
+        int8 = measure_onnx_file(onnx, shape, source=f"{onnx} (int8)", params=after.params, macs=after.macs,
+                                 batches=sizes, threads=n_threads, latency=latency,
+                                 accuracy={check.split: check.int8_accuracy})
+        doc["int8"]["model"] = int8.to_json()
+        doc["int8"]["ratios_vs_float"] = ratios(after, int8)
+        doc["int8"]["ratios_vs_before"] = ratios(before, int8) if before is not None else None
+    return doc

@@ -68,6 +68,17 @@ def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, source: str
     return facts
 
 
+def measure_onnx_file(path: str | Path, input_shape: tuple[int, ...], *, source: str, params: int, macs: int,
+                      batches: tuple[int, ...] = (1, 8), threads: int = 1, latency: bool = True,
+                      accuracy: dict[str, float] | None = None) -> ModelFacts:
+    """Facts of an ONNX file that only ONNX Runtime runs (an int8 model): size and ORT latency; params and MACs
+    are those of the float model it was quantized from."""
+    facts = ModelFacts(source, params, macs, None, Path(path).stat().st_size, accuracy=accuracy)
+    if latency:
+        facts.latency["onnxruntime"] = {b: ort_latency(path, input_shape, b, threads) for b in batches}
+    return facts
+
+
 def _onnx_for_batch(model: nn.Module, onnx_path: Path, input_shape: tuple[int, ...], batch: int, tmp: Path,
                     export: dict | None) -> Path:
     """`onnx_path`, or a static-batch twin when that file cannot run at `batch` in ONNX Runtime (its batch is

@@ -58,6 +58,32 @@ def rows(doc: dict) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def with_int8(doc: dict, base: list[tuple]) -> list[tuple]:
+    """Add the int8 model's column (and its ratio against the before model, else the float model) to `rows`."""
+    q = doc.get("int8")
+    if not q:
+        return base
+    model, ratio = q["model"], q.get("ratios_vs_before") or q["ratios_vs_float"]
+    cells = {"params": (_count(model["params"]), _x(ratio.get("params"))),
+             "MACs": (_count(model["macs"]), _x(ratio.get("macs"))),
+             ".onnx file": (_size(model["file_bytes"]["onnx"]), _x((ratio.get("file_bytes") or {}).get("onnx")))}
+    for batch, lat in (model["latency_ms"].get("onnxruntime") or {}).items():
+        speed = ((ratio.get("speedup") or {}).get("onnxruntime") or {}).get(batch)
+        cells[f"onnxruntime batch {batch}"] = (f"{lat['median']:.2f} ms (p90 {lat['p90']:.2f}, n={lat['runs']})",
+                                               "-" if speed is None else f"{speed:.2f}x")
+    for split, acc in (model.get("accuracy") or {}).items():
+        delta = ((ratio.get("accuracy_delta") or {}).get(split))
+        cells[f"top-1 {split}"] = (f"{100 * acc:.2f}%", "-" if delta is None else f"{100 * delta:+.2f} pt")
+    return [(*row, *cells.get(row[0], ("-", "-"))) for row in base]
+
+
+def headers(doc: dict) -> tuple[str, ...]:
+    if doc.get("int8"):
+        vs = "before" if doc["int8"].get("ratios_vs_before") else "float"
+        return ("", "before", "after", "ratio", "after int8", f"int8 ratio (vs {vs})")
+    return ("", "before", "after", "ratio")
+
+
 def verification_line(doc: dict) -> str | None:
     v, onnx = doc.get("verification"), doc.get("onnx")
     if not v:
@@ -75,6 +101,24 @@ def verification_line(doc: dict) -> str | None:
             f"{v['provider']}." + (f" Failed: {v['failure']}." if v.get("failure") else "")
             + (f" Both runtimes produce the same {v['nonfinite']['torch']} non-finite outputs (NaN/inf)."
                if v.get("nonfinite_agree") and (v.get("nonfinite") or {}).get("torch") else ""))
+
+
+def int8_line(doc: dict) -> str | None:
+    """One line on the int8 check (`export --int8`): agreement and accuracy against the float model."""
+    q = doc.get("int8")
+    if not q or not q.get("check"):
+        return None
+    c, st = q["check"], q["settings"]
+    return (f"INT8 ({st['format']}, {st['weights']} weights, {st['activations']} on {st['calib_samples']} training "
+            f"images, onnxruntime {st['onnxruntime']}) check {'passed' if c['passed'] else 'FAILED'}: top-1 "
+            f"{100 * c['int8_accuracy']:.2f}% vs {100 * c['float_accuracy']:.2f}% in float32 on the {c['split']} "
+            f"split ({c['samples']} images; drop {100 * c['drop']:.2f} pt, allowed {100 * c['max_drop']:g}), "
+            f"top-1 agreement {100 * c['top1_agreement']:.2f}%.")
+
+
+def int8_lines(doc: dict) -> list[str]:
+    line = int8_line(doc)
+    return ["", line] if line else []
 
 
 def program_line(doc: dict) -> str | None:
@@ -101,8 +145,10 @@ def footer(doc: dict) -> str:
 
 def markdown(doc: dict, title: str = "dpruner report") -> str:
     """A compact table for a pull-request comment."""
-    lines = [f"### {title}", "", "| | before | after | ratio |", "|---|---:|---:|---:|"]
-    lines += [f"| {q} | {b} | {a} | {r} |" for q, b, a, r in rows(doc)]
+    cols = headers(doc)
+    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in with_int8(doc, rows(doc))]
+    lines += int8_lines(doc)
     lines += gate_lines(doc)
     extra = [verification_line(doc), program_line(doc), footer(doc)]
     lines += [""] + [f"{line}" for line in extra if line]
@@ -127,8 +173,8 @@ def rich_table(doc: dict, title: str):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for header in ("", "before", "after", "ratio"):
+    for header in headers(doc):
         table.add_column(header, justify="left" if not header else "right")
-    for row in rows(doc):
+    for row in with_int8(doc, rows(doc)):
         table.add_row(*row)
     return table
