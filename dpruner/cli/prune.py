@@ -61,14 +61,16 @@ def prune(
     device: t.DeviceOpt = "auto",
     download: t.DownloadOpt = False,
     quiet: t.QuietOpt = False,
-    target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs or params.")] = "macs",
+    target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs, params, or latency (measured in --runtime on this machine at --batch with --threads: a per-layer latency table plans the cut, the pruned model is timed end to end to confirm it; docs/pruning.md).")] = "macs",
+    batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="--target latency: the batch size latency is measured at.")] = 1,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=1024, help="--target latency: intra-op threads of the runtime (default: all cores this process may use).")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Pruning method (the algorithm; `dpruner methods` lists them): one-shot (default; fine-tuned after the cut when --data is given), tolerance (default with --tolerance: Play-and-Prune), pca-gm (with --data: PCA widths + geometric-median survivors, seed 001), spp (with --data and --ratio: structured probabilistic pruning while fine-tuning, seed 004), gate (with --data and --ratio and/or --tolerance: D-Pruner's embedded scorer networks, seed 000), coarse (with --data and --ratio: least-adversarial random feature-map masks, seed 002). A criterion name here (--method l1) still works and means --criterion l1.")] = None,
     criterion: Annotated[Optional[str], typer.Option("--criterion", help="What ranks channels: l1, l2, fpgm, bn, random; with --data also taylor (Molchanov et al. 2019) and activation, scored on 10 training batches (default l2; l1 with --tolerance, as in Play-and-Prune).")] = None,
     allocation: Annotated[str, typer.Option("--allocation", help="uniform (same fraction per group), global (one threshold over normalised scores), pca (with --data: each group keeps the width whose principal components explain the needed share of its activations' variance; seed 001), or sensitivity (with --data: each group's cut chosen from its measured sensitivity curve for the least predicted loss at the target; see analyze --sensitivity).")] = "uniform",
     sensitivity_batches: t.SensitivityBatchesOpt = 8,
     pca_energy: Annotated[Optional[float], typer.Option("--pca-energy", help="With --allocation pca or --method pca-gm instead of --ratio: the share of each group's activation variance its kept width must explain, e.g. 0.99.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Protect layers whose name matches this glob (repeatable), e.g. 'features.0*'.")] = None,
-    round_to: Annotated[str, typer.Option("--round-to", help="Keep each group's channel count a multiple of this (e.g. 8), or auto: the multiple --runtime computes in on this machine (16 for ONNX Runtime on AVX-512, 8 on AVX2; docs/pruning.md).")] = "1",
+    round_to: Annotated[Optional[str], typer.Option("--round-to", help="Keep each group's channel count a multiple of this (e.g. 8), or auto: the multiple --runtime computes in on this machine (16 for ONNX Runtime on AVX-512, 8 on AVX2; docs/pruning.md). Default 1, and auto with --target latency.")] = None,
     runtime: Annotated[str, typer.Option("--runtime", help="Where the pruned model will run, for --round-to auto: onnxruntime or torch (on this CPU) or cuda (an NVIDIA GPU).")] = "onnxruntime",
     precision: Annotated[str, typer.Option("--precision", help="The precision it will run at, for --round-to auto: float32, float16, bfloat16 (cuda) or int8.")] = "float32",
     max_fraction: Annotated[float, typer.Option("--max-fraction", help="At most this share of any group is removed.")] = 0.9,
@@ -109,13 +111,26 @@ def prune(
     err = stderr_console()
     from dpruner.runtime.widths import auto_round_to, parse_round_to
 
-    round_to, rounding = parse_round_to(round_to), None
+    round_to, rounding = parse_round_to(round_to if round_to is not None else
+                                        "auto" if target == "latency" else 1), None
     if round_to == "auto":
         rounding = auto_round_to(runtime=runtime, precision=precision)
         round_to = rounding.multiple
         if not quiet:
             err.print(f"[dim]--round-to auto: {round_to} ({rounding.reason})[/dim]")
     method, criterion = resolve(method, criterion, tolerance=tolerance is not None)
+    latency_spec = None
+    if target == "latency":
+        from dpruner.runtime.latency import LatencySpec
+        from dpruner.runtime.widths import RUNTIMES
+
+        if method not in ("one-shot", "pca-gm") or soft or tolerance is not None:
+            raise InputError("--target latency works with one-shot pruning to a --ratio (--method one-shot or "
+                             "pca-gm, no --soft, no --tolerance).")
+        if runtime not in ("onnxruntime", "torch"):
+            raise InputError(f"--target latency measures on this machine: --runtime onnxruntime or torch, not "
+                             f"'{runtime}' ({', '.join(RUNTIMES)} are known to --round-to auto).")
+        latency_spec = LatencySpec(runtime=runtime, batch=batch, threads=threads)
     if soft and method != "one-shot":
         raise InputError(f"--soft is a fine-tuning schedule of one-shot pruning (--ratio with --data), not of "
                          f"--method {method}.")
@@ -162,6 +177,7 @@ def prune(
                                pca_energy=pca_energy, target=target, criterion=criterion, allocation=allocation,
                                exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
                                sensitivity_batches=sensitivity_batches, soft=soft, soft_every=soft_every,
+                               latency=latency_spec,
                                data_key=t.data_key(data, val_from=val_from, val_fraction=val_fraction, seed=seed,
                                                    batch_size=batch_size, mean=mean, std=std) if data else "")
     if data is not None:
@@ -268,6 +284,11 @@ def render(doc: dict) -> None:
     for key in ("params", "macs"):
         table.add_row(key.upper() if key == "macs" else key, human(doc["before"][key]), human(doc["after"][key]),
                       f"{doc['ratio'][key]:.2f}x")
+    latency = doc.get("latency")
+    if latency and "latency" in doc["ratio"]:
+        table.add_row(f"latency ({latency['runtime']}, batch {latency['batch']})", f"{latency['before_ms']:.2f} ms",
+                      f"{latency['after_ms']:.2f} ms (predicted {latency['predicted_ms']:.2f})",
+                      f"{doc['ratio']['latency']:.2f}x")
     for key, label in (("accuracy", "val top-1"), ("test_accuracy", "test top-1")):
         if key in doc["before"] and key in doc["after"]:
             delta = 100 * (doc["after"][key] - doc["before"][key])

@@ -16,7 +16,7 @@ from dpruner.errors import InputError
 from dpruner.graph.build import DependencyGraph
 from dpruner.graph.groups import ChannelIndex
 from dpruner.graph.summary import analyze_groups, nothing_prunable, opaque_summary, prunable_macs_share
-from dpruner.methods.cost import build_cost_model
+from dpruner.methods.cost import TARGET_INDEX, build_cost_model
 from dpruner.methods.oneshot import Allocation, normalized, search, select
 from dpruner.graph.check import check_pruned, expected_outputs
 from dpruner.metrics.macs import count_macs, count_params, count_sizes, run_forward
@@ -24,7 +24,9 @@ from dpruner.surgery.plan import apply_plan, make_plan
 from dpruner.criteria.views import group_tensors
 
 TARGETS = ("macs", "params")
+ALL_TARGETS = (*TARGETS, "latency")  # latency: one-shot pruning to a measured speedup (dpruner.runtime.latency)
 RATIO_TOLERANCE = 0.05  # the achieved ratio must be within 5% of the requested one
+LATENCY_NOISE = 0.03  # --target latency: a measured latency up to 3% above the goal counts as met (timing noise)
 MAX_CORRECTIONS = 6
 
 
@@ -47,6 +49,7 @@ class PruneResult:
     prunable_macs_share: float | None = None  # share of the original MACs in layers a prunable group touches
     opaque: list[dict] = field(default_factory=list)  # modules torch.fx could not follow (see opaque_summary)
     sensitivity: dict | None = None  # allocation 'sensitivity': key, samples, seconds, whether it came from the cache
+    latency: dict | None = None  # target 'latency': runtime, batch, threads, before/after ms, predicted ms, table info
 
     def to_json(self) -> dict:
         return {
@@ -55,6 +58,7 @@ class PruneResult:
             "allocation": self.allocation, "prunable_macs_share": self.prunable_macs_share, "opaque": self.opaque,
             "groups": self.groups, "unprunable": self.unprunable,
             **({"sensitivity": self.sensitivity} if self.sensitivity is not None else {}),
+            **({"latency": self.latency} if self.latency is not None else {}),
         }
 
 
@@ -104,6 +108,7 @@ def prune(
     data_key: str = "",
     ctx=None,
     criterion: str | None = None,
+    latency=None,
 ) -> PruneResult:
     """Prune `model` in place so that `target` shrinks by `ratio` (e.g. 2.0: at most half the MACs), or remove
     `sparsity` (a fraction) of every group's channels. Channels are ranked by `criterion` (see dpruner.criteria;
@@ -114,8 +119,9 @@ def prune(
     sensitivity curves: `sensitivity` (a methods.sensitivity.Sensitivity) or, when absent, measured (and cached
     under `data_key`) on `sensitivity_batches` batches of `val_data`, held-out data. Under torchrun pass `ctx`
     (train.distributed.DistContext): data statistics are then summed over ranks, so every rank makes the same
-    plan. Returns a PruneResult with the plan (plain data) and measured
-    before/after params and MACs."""
+    plan. `target='latency'` prunes until the latency measured in `latency` (a runtime.latency.LatencySpec:
+    runtime, batch, threads) falls by `ratio`, planning with a per-layer latency table and confirming end to end.
+    Returns a PruneResult with the plan (plain data) and measured before/after params and MACs (and latency)."""
     if criterion is not None:
         method = criterion
     requested_method = method
@@ -143,8 +149,17 @@ def prune(
         raise InputError(f"--ratio must be a finite number greater than 1 (e.g. 2x), got {ratio:g}.")
     if sparsity is not None and not 0 < sparsity < 1:
         raise InputError(f"--sparsity must lie strictly between 0 and 1, got {sparsity:g}.")
-    if target not in TARGETS:
-        raise InputError(f"--target must be one of {', '.join(TARGETS)}, got '{target}'.")
+    if target not in ALL_TARGETS:
+        raise InputError(f"--target must be one of {', '.join(ALL_TARGETS)}, got '{target}'.")
+    if target == "latency":
+        from dpruner.runtime.latency import LatencySpec
+
+        latency = latency or LatencySpec()
+        if ratio is None:
+            raise InputError("--target latency prunes to a speedup: give --ratio (e.g. 1.5x).")
+        if allocation == "sensitivity":
+            raise InputError("--target latency plans with uniform, global or pca allocation (sensitivity curves "
+                             "are measured against MACs or params).")
     alloc = Allocation(allocation, max_fraction, round_to)
     if get_criterion(method).needs_data and data is None:  # fail on a bad name or missing data before any work
         raise InputError(f"The '{method}' criterion scores channels on data; give --data.")
@@ -170,6 +185,15 @@ def prune(
             stats = collect_stats(model, graph, index, data, needs=["spectrum"], batches=score_batches, ctx=ctx)
             alloc = replace(alloc, spectra={gid: s["spectrum"].numpy() for gid, s in stats.items() if s})
         cost = build_cost_model(model, graph, index, base_macs.by_module, base_macs.total)
+        latency_info = None
+        if target == "latency":
+            from dpruner.runtime.latency import build_latency_table
+
+            before["latency"] = latency.measure(model, tuple(example_input.shape))
+            cost.latency = build_latency_table(model, example_input, [t.name for t in cost.terms if t.kind != "norm"],
+                                               latency, full_ms=before["latency"])
+            latency_info = {"runtime": latency.runtime, "batch": latency.batch,
+                            "threads": latency.resolved_threads(), "table": cost.latency.info}
         if alloc.kind == "sensitivity":
             from dataclasses import replace
 
@@ -181,13 +205,17 @@ def prune(
                                                   leaf_modules=leaf_modules, seed=seed, score_data=data,
                                                   score_batches=score_batches, data_key=data_key, ctx=ctx)
             alloc = replace(alloc, curves=sensitivity.curves(),
-                            savings=group_savings(index, cost, 0 if target == "macs" else 1))
+                            savings=group_savings(index, cost, TARGET_INDEX[target]))
 
         def sizes_of(plan: dict) -> dict:
-            """Params and MACs of the model `plan` makes, after the engine's check that it still runs."""
+            """Params and MACs (and with target latency the measured latency) of the model `plan` makes, after the
+            engine's check that it still runs."""
             pruned = apply_plan(copy.deepcopy(model), plan)
             check_pruned(pruned, example_input, expected, leaf_modules=leaf_modules)
-            return count_sizes(pruned, example_input)
+            sizes = count_sizes(pruned, example_input)
+            if target == "latency":
+                sizes["latency"] = latency.measure(pruned, tuple(example_input.shape))
+            return sizes
 
         if sparsity is not None or pca_energy is not None:
             if pca_energy is not None:
@@ -199,7 +227,12 @@ def prune(
             met = True
         else:
             plan, after, met = _search_ratio(graph, index, scores, alloc, cost, target, before[target] / ratio,
-                                             sizes_of)
+                                             sizes_of, trail := [])
+            if latency_info is not None:
+                latency_info.update({"before_ms": before["latency"], "after_ms": after["latency"],
+                                     "predicted_ms": [t for t in trail if t.get("chosen")][-1]["predicted"],
+                                     "goal_ms": before["latency"] / ratio, "tries": trail,
+                                     "noise_allowance": LATENCY_NOISE})
         apply_plan(model, plan)
     finally:
         model.train(was_training)
@@ -208,7 +241,7 @@ def prune(
         plan=plan,
         before=before,
         after=after,
-        ratio={k: before[k] / max(after[k], 1) for k in TARGETS},
+        ratio={k: before[k] / max(after[k], 1e-12 if k == "latency" else 1) for k in ALL_TARGETS if k in after},
         target=target,
         requested={"ratio": ratio, "sparsity": sparsity, **({"pca_energy": pca_energy} if pca_energy else {})},
         target_met=met,
@@ -222,6 +255,7 @@ def prune(
         sensitivity=None if sensitivity is None else {
             "key": sensitivity.key, "samples": sensitivity.samples, "seconds": sensitivity.seconds,
             "cached": sensitivity.cached, "criterion": sensitivity.criterion},
+        latency=latency_info,
     )
 
 
@@ -245,19 +279,25 @@ def _global_quantile(scores: dict[int, np.ndarray], sparsity: float) -> float:
     return float(np.quantile(flat, sparsity))
 
 
-def _search_ratio(graph, index, scores, alloc, cost, target, goal, sizes_of):
-    """Bisection on the estimate, then measure the real value with fvcore and correct the goal until the measured
-    value lies within RATIO_TOLERANCE below the goal (at most MAX_CORRECTIONS rounds)."""
+def _search_ratio(graph, index, scores, alloc, cost, target, goal, sizes_of, trail=None):
+    """Bisection on the estimate, then measure the real value (fvcore; for latency, a timed run) and correct the
+    goal until the measured value lies within RATIO_TOLERANCE below the goal (latency: up to LATENCY_NOISE above
+    it counts too) in at most MAX_CORRECTIONS rounds. Each round's prediction and measurement go to `trail`."""
     aim = goal
     best = None
+    top = goal * (1 + LATENCY_NOISE) if target == "latency" else goal
     for _ in range(MAX_CORRECTIONS):
         removed, estimate = search(index, scores, alloc, cost, target=target, goal=aim)
         plan = make_plan(graph, index, index.roots[removed])
         after = sizes_of(plan)
         real = after[target]
-        met = (1 - RATIO_TOLERANCE) * goal <= real <= goal
+        met = (1 - RATIO_TOLERANCE) * goal <= real <= top
+        if trail is not None:
+            trail.append({"aim": aim, "predicted": estimate, "measured": real})
         if best is None or _better(real, best[1][target], goal):
             best = (plan, after, met)
+            if trail is not None:
+                trail[-1]["chosen"] = True
         if met or estimate > aim:  # reached, or nothing stronger is possible
             break
         aim *= goal / real  # the estimate was off by this factor (ops it does not model): correct and retry

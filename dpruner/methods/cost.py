@@ -17,6 +17,8 @@ from torch import nn
 from dpruner.graph.build import DependencyGraph
 from dpruner.graph.groups import ChannelIndex
 
+TARGET_INDEX = {"macs": 0, "params": 1, "latency": 2}  # position of each target in CostModel.estimate's tuple
+
 
 @dataclass
 class _Term:
@@ -41,13 +43,17 @@ class CostModel:
     fixed_params: int
     total_macs: float
     total_params: int
+    latency: "LatencyTable | None" = None  # --target latency: per-layer measured latency over widths
 
-    def estimate(self, removed: np.ndarray) -> tuple[float, float]:
-        """(MACs, params) with the classes flagged in `removed` (bool per dense class index) gone."""
+    def estimate(self, removed: np.ndarray) -> tuple[float, float, float]:
+        """(MACs, params, latency in ms) with the classes flagged in `removed` (bool per dense class index) gone;
+        latency is NaN without a latency table."""
         macs, params = self.fixed_macs, float(self.fixed_params)
+        widths = {}
         for t in self.terms:
             kin = t.size_in - int(removed[t.cls_in].sum()) if t.cls_in is not None else t.size_in
             kout = t.size_out - int(removed[t.cls_out].sum()) if t.cls_out is not None else t.size_out
+            widths[t.name] = (kin, kout)
             if t.kind == "norm":
                 macs += t.base_macs * kout / max(t.size_out, 1)
                 params += t.norm_params * kout
@@ -60,7 +66,8 @@ class CostModel:
                 params += kin * kout * t.kernel + (kout if t.bias else 0)
         for cls, per_position in self.params_terms:
             params += float((~removed[cls]).sum()) * per_position
-        return macs, params
+        latency = self.latency.predict(widths) if self.latency is not None else float("nan")
+        return macs, params, latency
 
 
 def build_cost_model(model: nn.Module, graph: DependencyGraph, index: ChannelIndex, macs_by_module: dict,

@@ -277,7 +277,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
     scorers, fine-tune the rest of the budget."""
     from dpruner.graph.check import check_pruned, expected_outputs
     from dpruner.graph.summary import analyze_groups, nothing_prunable
-    from dpruner.methods.cost import build_cost_model
+    from dpruner.methods.cost import TARGET_INDEX, build_cost_model
     from dpruner.methods.run import MethodResult, _evaluate
     from dpruner.metrics.macs import count_macs, count_sizes
     from dpruner.surgery.plan import apply_plan, make_plan
@@ -286,7 +286,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
     if env.train is None or env.data is None:
         raise InputError("--method gate learns what to remove while fine-tuning: give --data.")
     data, budget, device, ctx = env.data, env.train.epochs, env.device, env.ctx
-    which = 0 if config.target == "macs" else 1
+    which = TARGET_INDEX[config.target]
     model = copy.deepcopy(model).cpu().eval()
     base = _evaluate(model, env)
     before = count_sizes(model, example)

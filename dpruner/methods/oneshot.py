@@ -10,7 +10,7 @@ import numpy as np
 
 from dpruner.errors import InputError
 from dpruner.graph.groups import ChannelIndex
-from dpruner.methods.cost import CostModel
+from dpruner.methods.cost import TARGET_INDEX, CostModel
 
 ALLOCATIONS = ("uniform", "global", "pca", "sensitivity")
 
@@ -105,7 +105,7 @@ def search(index: ChannelIndex, scores: dict[int, np.ndarray], alloc: Allocation
            target: str, goal: float, iterations: int = 40) -> tuple[np.ndarray, float]:
     """Smallest pruning level whose estimated `target` ('macs' or 'params') is at most `goal` (bisection).
     Returns the removal flags and the estimate; if even the strongest level cannot reach the goal, that level."""
-    which = 0 if target == "macs" else 1
+    which = TARGET_INDEX[target]
     if alloc.kind in ("uniform", "pca"):  # pca: level = 1 - the explained-variance share kept
         lo, hi = 0.0, 1.0
     elif alloc.kind == "sensitivity":  # level maps to the multiplier lambda = level / (1 - level)

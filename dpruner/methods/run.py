@@ -43,6 +43,7 @@ class OneShotConfig:
     data_key: str = ""  # names the held-out data for the sensitivity cache (cli.training.data_key)
     soft: bool = False  # soft pruning while fine-tuning (methods.soft; FPGM's schedule): needs data and a ratio
     soft_every: float = 1.0  # epochs between re-choices of the zeroed channels
+    latency: object | None = None  # target 'latency': a runtime.latency.LatencySpec (runtime, batch, threads)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class MethodResult:
 
     @property
     def ratio(self) -> dict:
-        return {k: self.before[k] / max(self.after[k], 1) for k in ("params", "macs")}
+        return {k: self.before[k] / max(self.after[k], 1e-12 if k == "latency" else 1)
+                for k in ("params", "macs", "latency") if k in self.before and k in self.after}
 
     def to_json(self) -> dict:
         return {"method": self.method, "criterion": self.criterion, "before": self.before, "after": self.after,
@@ -145,7 +147,7 @@ def _one_shot(model: nn.Module, example: torch.Tensor, config: OneShotConfig, en
                    max_fraction=config.max_fraction, seed=config.seed, leaf_modules=env.leaf_modules,
                    data=None if data is None else data.train, score_batches=config.score_batches,
                    val_data=None if data is None else data.val, sensitivity_batches=config.sensitivity_batches,
-                   data_key=config.data_key, ctx=env.ctx if data is not None else None)
+                   data_key=config.data_key, ctx=env.ctx if data is not None else None, latency=config.latency)
     used = 0.0
     if env.train is not None:
         if data is None:
