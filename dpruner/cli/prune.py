@@ -62,6 +62,7 @@ def prune(
     download: t.DownloadOpt = False,
     quiet: t.QuietOpt = False,
     target: Annotated[str, typer.Option("--target", help="What --ratio counts: macs, params, or latency (measured in --runtime on this machine at --batch with --threads: a per-layer latency table plans the cut, the pruned model is timed end to end to confirm it; docs/pruning.md).")] = "macs",
+    max_latency: Annotated[Optional[str], typer.Option("--max-latency", help="With --tolerance: stop pruning once the latency measured in --runtime (at --batch, --threads) is at most this share of the original's, e.g. 0.6x; a per-layer latency table caps each step so it does not cut further than needed.")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="--target latency: the batch size latency is measured at.")] = 1,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=1024, help="--target latency: intra-op threads of the runtime (default: all cores this process may use).")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Pruning method (the algorithm; `dpruner methods` lists them): one-shot (default; fine-tuned after the cut when --data is given), tolerance (default with --tolerance: Play-and-Prune), pca-gm (with --data: PCA widths + geometric-median survivors, seed 001), spp (with --data and --ratio: structured probabilistic pruning while fine-tuning, seed 004), gate (with --data and --ratio and/or --tolerance: D-Pruner's embedded scorer networks, seed 000), coarse (with --data and --ratio: least-adversarial random feature-map masks, seed 002). A criterion name here (--method l1) still works and means --criterion l1.")] = None,
@@ -112,7 +113,7 @@ def prune(
     from dpruner.runtime.widths import auto_round_to, parse_round_to
 
     round_to, rounding = parse_round_to(round_to if round_to is not None else
-                                        "auto" if target == "latency" else 1), None
+                                        "auto" if target == "latency" or max_latency else 1), None
     if round_to == "auto":
         rounding = auto_round_to(runtime=runtime, precision=precision)
         round_to = rounding.multiple
@@ -120,6 +121,21 @@ def prune(
             err.print(f"[dim]--round-to auto: {round_to} ({rounding.reason})[/dim]")
     method, criterion = resolve(method, criterion, tolerance=tolerance is not None)
     latency_spec = None
+    if max_latency is not None:
+        from dpruner.runtime.latency import LatencySpec
+
+        if tolerance is None or method != "tolerance":
+            raise InputError("--max-latency caps a --tolerance run; with --ratio use --target latency.")
+        if runtime not in ("onnxruntime", "torch"):
+            raise InputError(f"--max-latency measures on this machine: --runtime onnxruntime or torch, not "
+                             f"'{runtime}'.")
+        cap = max_latency.strip().lower().removesuffix("x").strip()
+        try:
+            max_latency = float(cap)
+        except ValueError:
+            raise InputError(f"--max-latency must look like 0.6x (a share of the original latency), got "
+                             f"'{max_latency}'.") from None
+        latency_spec = LatencySpec(runtime=runtime, batch=batch, threads=threads)
     if target == "latency":
         from dpruner.runtime.latency import LatencySpec
         from dpruner.runtime.widths import RUNTIMES
@@ -154,7 +170,8 @@ def prune(
         config = ToleranceConfig(tolerance=parse_tolerance(tolerance), budget_epochs=budget_epochs,
                                  step_epochs=step_epochs, max_ratio=parse_ratio(max_ratio) if max_ratio else None,
                                  penalty=penalty, criterion=criterion, score_momentum=score_momentum,
-                                 max_fraction=max_fraction, round_to=round_to, exclude=tuple(exclude or ()))
+                                 max_fraction=max_fraction, round_to=round_to, exclude=tuple(exclude or ()),
+                                 max_latency=max_latency, latency=latency_spec)
     elif method == "coarse":
         from dpruner.methods.coarse import CoarseConfig
 
@@ -285,6 +302,9 @@ def render(doc: dict) -> None:
         table.add_row(key.upper() if key == "macs" else key, human(doc["before"][key]), human(doc["after"][key]),
                       f"{doc['ratio'][key]:.2f}x")
     latency = doc.get("latency")
+    if not latency and "latency" in doc["ratio"]:  # --max-latency: measured before and after, no table details
+        table.add_row("latency", f"{doc['before']['latency']:.2f} ms", f"{doc['after']['latency']:.2f} ms",
+                      f"{doc['ratio']['latency']:.2f}x")
     if latency and "latency" in doc["ratio"]:
         table.add_row(f"latency ({latency['runtime']}, batch {latency['batch']})", f"{latency['before_ms']:.2f} ms",
                       f"{latency['after_ms']:.2f} ms (predicted {latency['predicted_ms']:.2f})",

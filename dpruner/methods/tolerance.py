@@ -76,6 +76,8 @@ class ToleranceConfig:
     min_step: float = 0.01  # stop when the rate falls below this share of the prunable channels
     max_failures: int = 3
     max_ratio: float | None = None  # cap on the MACs ratio
+    max_latency: float | None = None  # cap: stop once the measured latency is at most this share of the original's
+    latency: object | None = None  # with max_latency: a runtime.latency.LatencySpec (runtime, batch, threads)
     penalty: float = 5.0  # strength of the L1 term on U, relative (module docstring; 5 measured in docs/benchmarks.md)
     criterion: str = "l1"  # the channel criterion (dpruner.criteria) ranking channels at every step
     score_momentum: float = 0.5  # data criteria: weight of the previous steps' scores (module docstring)
@@ -92,6 +94,8 @@ class ToleranceConfig:
         validate.epochs(self.step_epochs, "--step-epochs")
         if self.max_ratio is not None:
             validate.number(self.max_ratio, "--max-ratio", low=1, low_open=True)
+        if self.max_latency is not None:
+            validate.number(self.max_latency, "--max-latency", low=0, low_open=True, high=1, high_open=True)
         validate.number(self.penalty, "--penalty", low=0, high=1e6)
         validate.number(self.max_fraction, "--max-fraction", low=0, low_open=True, high=1, high_open=True)
         validate.number(self.score_momentum, "--score-momentum", low=0, high=1, high_open=True)
@@ -188,6 +192,19 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
     original.cpu()
     floor = base_acc - config.tolerance
     before = {**base, "accuracy": base_acc}
+    table = None
+    if config.max_latency is not None:
+        # one latency table for the original: the layers keep their names as they shrink, so it prices every
+        # later step's widths too (interpolated inside the original grid)
+        from dpruner.methods.api import LATENCY_NOISE
+        from dpruner.runtime.latency import LatencySpec, build_latency_table
+
+        spec = config.latency or LatencySpec()
+        base["latency"] = spec.measure(original, tuple(example.shape))
+        before["latency"] = base["latency"]
+        names = [n for n, m in original.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        table = build_latency_table(original, example, names, spec, full_ms=base["latency"], log=log)
+        latency_goal = base["latency"] * config.max_latency
     alloc = Allocation("global", config.max_fraction, config.round_to)
     history: list[dict] = []
     used = 0.0
@@ -278,13 +295,18 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
         threshold = float(np.quantile(flat, min(rate, config.max_rate)))
         removed = select(index, scores, alloc, threshold)
         capped = False
-        if config.max_ratio is not None:
-            goal = base["macs"] / config.max_ratio
+        if config.max_ratio is not None or table is not None:
             macs = count_macs(current, example)
             cost = build_cost_model(current, graph, index, macs.by_module, macs.total)
+            cost.latency = table
+        if config.max_ratio is not None:
+            goal = base["macs"] / config.max_ratio
             if cost.estimate(removed)[0] < goal:
                 removed, _ = search(index, scores, alloc, cost, target="macs", goal=goal)
                 capped = True
+        if table is not None and cost.estimate(removed)[2] < latency_goal:
+            removed, _ = search(index, scores, alloc, cost, target="latency", goal=latency_goal)
+            capped = "latency"
         share = float(removed.sum()) / n_prunable
         if not removed.any():
             stopped = "every group is at its --max-fraction cap"
@@ -306,10 +328,14 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
             expected = expected_outputs(original, example, graph.scopes)
         check_pruned(current, example, expected, leaf_modules=leaf_modules)
         sizes = count_sizes(current, example)
+        if table is not None:
+            sizes["latency"] = spec.measure(current.cpu(), tuple(example.shape))
+            capped = capped or ("latency" if sizes["latency"] <= latency_goal * (1 + LATENCY_NOISE) else False)
         acc = measure(current.to(device))
         margin = acc - floor
         entry = {"rate": rate, "threshold": threshold, "removed_channels": int(removed.sum()), "removed_share": share, **sizes,
                  "ratio_macs": base["macs"] / sizes["macs"], "ratio_params": base["params"] / sizes["params"],
+                 **({"ratio_latency": base["latency"] / sizes["latency"]} if "latency" in sizes else {}),
                  "val_accuracy": acc, "margin": margin}
         recovered = False
         if margin < 0:
@@ -337,7 +363,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
                        config.max_rate)
             checkpoint()
             if capped:
-                stopped = f"--max-ratio {config.max_ratio:g} reached"
+                stopped = (f"--max-latency {config.max_latency:g}x reached (measured)" if capped == "latency"
+                           else f"--max-ratio {config.max_ratio:g} reached")
                 record({"action": "stop", "reason": stopped})
                 checkpoint()
                 break
@@ -371,6 +398,8 @@ def prune_to_tolerance(model: nn.Module, example: torch.Tensor, data, config: To
                     "epochs": remaining})
     final_model.cpu().eval()
     after = {**count_sizes(final_model, example), "accuracy": good_acc}
+    if table is not None:
+        after["latency"] = spec.measure(final_model, tuple(example.shape))
     return ToleranceResult(final_model, good_plans, met, before, after, history, used)
 
 
@@ -410,6 +439,10 @@ def _config_json(config: ToleranceConfig, train: TrainConfig, identity: dict) ->
 
     controller = asdict(config)
     controller["exclude"] = list(controller["exclude"])
+    if hasattr(config, "latency"):  # gate and spp share this function with configs that have no latency cap
+        spec = config.latency
+        controller["latency"] = None if spec is None else {"runtime": spec.runtime, "batch": spec.batch,
+                                                           "threads": spec.resolved_threads()}
     training = {k: v for k, v in train.to_json().items() if k not in ("quiet", "device")}
     return {"controller": controller, "train": training, "identity": identity}
 

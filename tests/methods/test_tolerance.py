@@ -84,6 +84,24 @@ def test_max_ratio_caps_compression(digits):
     assert any("max-ratio" in h.get("reason", "") for h in result.history)
 
 
+def test_max_latency_caps_the_run_at_the_measured_latency(digits):
+    """A fake runtime (blocks of 4 channels, tests/runtime/test_latency.py) and an oracle that never fails: the run
+    must stop when the measured latency reaches the cap, not before, and not cut far past it."""
+    from dpruner.runtime.latency import LatencySpec
+    from tests.runtime.test_latency import BLOCK, blocked_ms
+
+    spec = LatencySpec(timer=blocked_ms, multiple=BLOCK)
+    config = ToleranceConfig(tolerance=0.05, budget_epochs=2, step_epochs=0.05, final_epochs=0.05,
+                             initial_rate=0.2, max_latency=0.6, latency=spec)
+    result = prune_to_tolerance(vgg(), EXAMPLE, digits, config, FAST, distill=False, measure=oracle(100.0))
+    assert any("max-latency" in h.get("reason", "") for h in result.history)
+    assert result.after["latency"] == pytest.approx(blocked_ms(result.model, EXAMPLE.shape))
+    share = result.after["latency"] / result.before["latency"]
+    assert 0.6 * 0.8 <= share <= 0.6 * 1.03, share
+    steps = [h for h in result.history if h["action"] == "prune"]
+    assert all("ratio_latency" in h for h in steps)
+
+
 def test_first_step_failing_returns_the_original_unmet(digits):
     config = ToleranceConfig(tolerance=0.01, budget_epochs=0.3, step_epochs=0.05, final_epochs=0.05,
                              max_failures=1)
