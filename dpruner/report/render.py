@@ -146,7 +146,8 @@ def footer(doc: dict) -> str:
 def markdown(doc: dict, title: str = "dpruner report") -> str:
     """A compact table for a pull-request comment."""
     cols = headers(doc)
-    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 1) + "|"]
+    lines = [f"### {title}", "", ("| " + " | ".join(cols) + " |").replace("|  |", "| |"),
+             "|---" + "|---:" * (len(cols) - 1) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in with_int8(doc, rows(doc))]
     lines += int8_lines(doc)
     lines += gate_lines(doc)
