@@ -43,6 +43,7 @@ class OneShotConfig:
     data_key: str = ""  # names the held-out data for the sensitivity cache (cli.training.data_key)
     soft: bool = False  # soft pruning while fine-tuning (methods.soft; FPGM's schedule): needs data and a ratio
     soft_every: float = 1.0  # epochs between re-choices of the zeroed channels
+    soft_final: float = 0.2  # share of the budget that fine-tunes the model after the soft channels are removed
     latency: object | None = None  # target 'latency': a runtime.latency.LatencySpec (runtime, batch, threads)
 
 
@@ -138,6 +139,8 @@ def _one_shot(model: nn.Module, example: torch.Tensor, config: OneShotConfig, en
                              "l2, bn) with --allocation uniform or global.")
         if not 0 < config.soft_every <= 1e4:
             raise InputError(f"--soft-every must be a positive number of epochs, got {config.soft_every:g}.")
+        if not 0 <= config.soft_final < 1:
+            raise InputError(f"soft_final must be in [0, 1), got {config.soft_final:g}.")
         return run_soft(model, example, config, env)
     data = env.data
     base = _evaluate(model, env)

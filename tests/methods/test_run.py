@@ -126,6 +126,9 @@ def test_soft_pruning_zeroes_lets_channels_regrow_and_ends_removed():
                  train=TrainConfig(epochs=1, lr=0.01, quiet=True))
     assert result.details["soft"]["rounds"] >= 4 and result.ratio["macs"] == pytest.approx(2.0, rel=0.05)
     assert result.after["accuracy"] > 0.5
+    # the last 20% of the budget fine-tunes the removed model (the final round zeroes the norms' beta too)
+    assert result.details["soft"]["final_epochs"] == pytest.approx(0.2, abs=0.1)
+    assert result.epochs_used == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(InputError, match="--soft"):
         run("one-shot", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example,
             OneShotConfig(ratio=2.0, criterion="taylor", soft=True), data=data, train=TrainConfig(epochs=1))
