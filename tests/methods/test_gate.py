@@ -103,6 +103,35 @@ def test_choose_takes_the_lowest_below_the_threshold_up_to_the_goal_and_the_cap(
     assert cost.estimate(some)[0] <= goal and some.sum() < capped.sum()
 
 
+def test_forced_removal_follows_the_planner_widths_not_a_global_score_ranking():
+    """Scores that have not separated (all near 0.9) must not send the forced removal into the costliest group
+    (the stream both BNs write): each group loses its planned share, lowest-scored first, and the goal is met."""
+    from dpruner.methods.gate import forced_choice
+    from dpruner.metrics.macs import count_sizes
+    from dpruner.surgery.plan import apply_plan, make_plan
+
+    model = _model()
+    example = torch.randn(1, 3, 8, 8)
+    graph, index = analyze_groups(model, example)
+    groups = [g for g in index.groups if g.prunable]
+    assert len(groups) >= 2
+    # the costlier stream group scores lowest by a hair: a global ranking would empty it first
+    means = {g.id: np.full(len(g.channels), 0.9) - (0.01 if len(g.channels) == 6 and g.id == groups[0].id else 0)
+             + np.linspace(0, 1e-3, len(g.channels)) for g in groups}
+    before = count_sizes(model, example)["macs"]
+    goal = before / 1.5
+    flags = forced_choice(model, example, GateConfig(ratio=1.5), index, means, np.zeros(len(index.roots), bool), goal)
+    per_group = {g.id: int(flags[np.searchsorted(index.roots, g.channels)].sum()) for g in groups}
+    assert all(0 < n < len(g.channels) for g, n in zip(groups, per_group.values()))  # every group gives some
+    for g in groups:  # and what a group gives is its lowest-scored channels
+        order = np.argsort(means[g.id], kind="stable")[:per_group[g.id]]
+        assert flags[np.searchsorted(index.roots, np.asarray(g.channels)[order])].all()
+    apply_plan(model, make_plan(graph, index, index.roots[flags]))
+    assert count_sizes(model, example)["macs"] <= goal * 1.05
+    already = forced_choice(model, example, GateConfig(ratio=1.5), index, means, flags, before * 10)
+    assert (already == flags).all()  # goal already met: nothing more
+
+
 def test_config_and_resolve():
     with pytest.raises(InputError, match="needs a goal"):
         GateConfig()
