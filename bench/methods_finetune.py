@@ -51,9 +51,12 @@ ROWS = {
     "tp magnitude": ("tp", "magnitude"),
     "tp taylor": ("tp", "taylor"),
     "modelopt fastnas": ("modelopt", 8),
-    "spp": ("spp", {}),
+    "spp": ("spp", {}),  # A auto: 6/39 here (the phase holds 39 rank updates)
+    "spp A=0.05": ("spp", {"A": 0.05}),  # the paper's A (the default before auto A)
     "spp A=0.2": ("spp", {"A": 0.2}),
     "coarse": ("coarse", {"candidates": 20, "eval_batches": 8}),
+    # the paper's procedure: random candidates only (the default before the criterion's candidate joined the pool)
+    "coarse random only": ("coarse", {"candidates": 20, "eval_batches": 8, "criterion_candidate": False}),
     "coarse kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 20, "eval_batches": 8}),
     "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),
     "gate tolerance 1%": ("gate", {"tolerance": 0.01, "prune_every": 0.2}),

@@ -34,7 +34,7 @@ def prune(
     resume: Annotated[bool, typer.Option("--resume", help="--tolerance, --method gate and --method spp: continue an interrupted run from OUTPUT.resume (saved atomically after every step).")] = False,
     penalty: Annotated[float, typer.Option("--penalty", help="--tolerance: strength of the L1 push on the channels about to be removed before they go (relative to their magnitude; 0: off).")] = 5.0,
     score_momentum: Annotated[float, typer.Option("--score-momentum", help="--tolerance with a data criterion (taylor, activation): each step's scores are averaged with the previous steps' as m * old + (1 - m) * new, so one set of batches does not decide alone (0: off).")] = 0.5,
-    spp_a: Annotated[float, typer.Option("--spp-a", help="--method spp: the largest step of a channel's pruning probability per rank update (A in Wang et al. 2018).")] = 0.05,
+    spp_a: Annotated[Optional[float], typer.Option("--spp-a", help="--method spp: the largest step of a channel's pruning probability per rank update (A in Wang et al. 2018). Default: the paper's 0.05, raised to 6/updates when the pruning phase holds fewer than 120 rank updates.")] = None,
     spp_u: Annotated[float, typer.Option("--spp-u", help="--method spp: the increment at the curve's knee, as a share of A (u; below 0.5).")] = 0.25,
     spp_interval: Annotated[Optional[int], typer.Option("--spp-interval", help="--method spp: optimizer steps between rank updates of the probabilities (t; the paper's ImageNet runs used 180). Default: the probabilistic phase's steps x A / 6, so it holds 6/A updates.")] = None,
     spp_fraction: Annotated[float, typer.Option("--spp-fraction", help="--method spp: at most this share of --budget-epochs trains with probabilistic masks; the rest retrains the pruned model.")] = 0.5,
@@ -42,6 +42,7 @@ def prune(
     soft_every: Annotated[float, typer.Option("--soft-every", help="--soft: epochs between re-choices of the zeroed channels.")] = 1.0,
     granularity: Annotated[str, typer.Option("--granularity", help="--method coarse: feature-map (whole channels to --ratio: a dense, smaller model) or kernel (individual k x k kernels, --sparsity of every conv layer: zeros in the same shapes; input channels nobody reads any more are removed).")] = "feature-map",
     candidates: Annotated[int, typer.Option("--candidates", help="--method coarse: random masks tried per group; the least adversarial (lowest error on --eval-batches validation batches) is kept.")] = 20,
+    criterion_candidate: Annotated[bool, typer.Option("--criterion-candidate/--random-candidates-only", help="--method coarse: the criterion's own choice (lowest-scored channels) competes as one of the --candidates masks; off: all random, as in the paper.")] = True,
     eval_batches: Annotated[int, typer.Option("--eval-batches", help="--method coarse: validation batches the candidate masks are judged on (decoded once, kept in memory).")] = 8,
     gate_sparsity: Annotated[float, typer.Option("--gate-sparsity", help="--method gate: weight of each group's mean score in the loss (pushes scores down).")] = 2.0,
     gate_binary: Annotated[float, typer.Option("--gate-binary", help="--method gate: weight of each group's mean s(1-s) in the loss (pushes scores to 0 or 1).")] = 0.1,
@@ -180,7 +181,8 @@ def prune(
         config = CoarseConfig(ratio=parse_ratio(ratio) if ratio is not None else None, granularity=granularity,
                               sparsity=sparsity, target=target, criterion=criterion, allocation=allocation,
                               exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
-                              candidates=candidates, eval_batches=eval_batches)
+                              candidates=candidates, eval_batches=eval_batches,
+                              criterion_candidate=criterion_candidate)
     elif method == "spp":
         from dpruner.methods.spp import SPPConfig
 

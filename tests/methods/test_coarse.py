@@ -66,6 +66,25 @@ def test_the_least_adversarial_candidate_is_the_planted_harmless_mask():
     assert torch.equal(model.conv.weight, Probe().conv.weight)  # every candidate was undone
 
 
+def test_the_criterions_candidate_competes_and_loses_when_it_hurts():
+    model = Probe().eval()
+    batches = _batches()
+    graph, index = analyze_groups(model, torch.randn(1, 3, 4, 4))
+    group = next(g for g in index.groups if ("conv", "out", None) in g.slots)
+    fixed = np.zeros(len(index.roots), dtype=bool)
+    positions = np.searchsorted(index.roots, group.channels)
+    # a harmful prior (channel 0 carries class 0) loses to the harmless random mask
+    flags, tried = least_adversarial(model, graph, index, group, 1, fixed, batches, 12,
+                                     torch.Generator().manual_seed(0), prior=np.array([0]))
+    assert tried[0]["prior"] and tried[0]["error"] > 0.2
+    assert np.flatnonzero(flags[positions]).tolist() == [3]
+    # the harmless prior is kept even when no random candidate finds it (one candidate: the prior alone)
+    flags, tried = least_adversarial(model, graph, index, group, 1, fixed, batches, 1,
+                                     torch.Generator().manual_seed(0), prior=np.array([3]))
+    assert len(tried) == 1 and tried[0]["error"] == 0.0
+    assert np.flatnonzero(flags[positions]).tolist() == [3]
+
+
 def test_groups_are_visited_from_input_to_output():
     model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
     graph, index = analyze_groups(model, torch.randn(1, 1, 8, 8))
@@ -91,6 +110,9 @@ def test_coarse_prunes_digits_to_the_ratio_with_the_best_candidates():
     groups = result.details["coarse"]["groups"]
     assert len(groups) == 5 and all(g["best_error"] <= g["median_error"] <= g["worst_error"] for g in groups)
     assert result.after["accuracy"] > 0.8 and set(result.model.state_dict()) == keys
+    coarse = result.details["coarse"]
+    assert coarse["criterion_candidate"] and coarse["criterion_won"] == sum(g["criterion_won"] for g in groups)
+    assert all(g["best_error"] <= g["criterion_error"] for g in groups)
 
 
 def test_kernel_granularity_keeps_masked_kernels_zero_through_the_retrain():

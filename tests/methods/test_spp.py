@@ -16,7 +16,7 @@ from dpruner.data.loaders import load_data
 from dpruner.errors import InputError
 from dpruner.graph.summary import analyze_groups
 from dpruner.methods.run import resolve, run
-from dpruner.methods.spp import (SPPConfig, SPPMasks, SPPState, force_goals, increments, removed_flags,
+from dpruner.methods.spp import (SPPConfig, SPPMasks, SPPState, effective_A, force_goals, increments, removed_flags,
                                  update_probabilities)
 from dpruner.train.config import TrainConfig
 from dpruner.train.loop import fit
@@ -153,6 +153,24 @@ def test_config_rejects_out_of_range_settings():
     for bad in ({"u": 0.5}, {"A": 0.0}, {"interval": 0}, {"prune_fraction": 1.5}):
         with pytest.raises(InputError):
             SPPConfig(ratio=2.0, **bad)
+
+
+def test_default_A_is_the_papers_unless_the_phase_is_too_short_to_reach_a_goal():
+    assert effective_A(10_000, None, None) == 0.05  # >= 120 updates: the paper's value
+    assert effective_A(39, None, None) == pytest.approx(6 / 39)  # ResNet-56 1-epoch phase: 39 updates
+    assert effective_A(400, None, 10) == pytest.approx(6 / 40)  # a given interval counts updates, not steps
+    assert effective_A(3, None, None) == 1.0
+    assert effective_A(39, 0.05, None) == 0.05  # a given A is kept
+
+
+def test_default_A_reaches_every_goal_inside_a_short_phase():
+    data = load_data("digits", batch_size=64, val_from="test")
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    result = run("spp", model, torch.randn(1, 1, 8, 8), SPPConfig(ratio=2.0), data=data,
+                 train=TrainConfig(epochs=1, lr=0.01, quiet=True))
+    spp = result.details["spp"]
+    assert spp["A"] > 0.05 and spp["interval"] == 1
+    assert spp["reached_in_phase"] and spp["forced_channels"] == 0
 
 
 def test_spp_prunes_the_digits_model_to_the_ratio_and_keeps_it_accurate():
