@@ -58,6 +58,8 @@ ROWS = {
     # the paper's procedure: random candidates only (the default before the criterion's candidate joined the pool)
     "coarse random only": ("coarse", {"candidates": 20, "eval_batches": 8, "criterion_candidate": False}),
     "coarse kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 20, "eval_batches": 8}),
+    # its baseline: one random kernel mask per layer (no choice), same sparsity and retrain
+    "random kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 1, "eval_batches": 8}),
     "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),
     "gate tolerance 1%": ("gate", {"tolerance": 0.01, "prune_every": 0.2}),
     # ten times the default sparsity pull: the default (2.0, tuned on digits) barely moves ResNet-56's scores in

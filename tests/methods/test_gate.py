@@ -105,8 +105,8 @@ def test_choose_takes_the_lowest_below_the_threshold_up_to_the_goal_and_the_cap(
 
 def test_forced_removal_follows_the_planner_widths_not_a_global_score_ranking():
     """Scores that have not separated (all near 0.9) must not send the forced removal into the costliest group
-    (the stream both BNs write): each group loses its planned share, lowest-scored first, and the goal is met."""
-    from dpruner.methods.gate import forced_choice
+    (the stream both BNs write): each group loses its planned share, lowest score x L1 first, and the goal is met."""
+    from dpruner.methods.gate import forced_choice, forced_keys
     from dpruner.metrics.macs import count_sizes
     from dpruner.surgery.plan import apply_plan, make_plan
 
@@ -120,16 +120,33 @@ def test_forced_removal_follows_the_planner_widths_not_a_global_score_ranking():
              + np.linspace(0, 1e-3, len(g.channels)) for g in groups}
     before = count_sizes(model, example)["macs"]
     goal = before / 1.5
-    flags = forced_choice(model, example, GateConfig(ratio=1.5), index, means, np.zeros(len(index.roots), bool), goal)
+    flags = forced_choice(model, example, GateConfig(ratio=1.5), graph, index, means,
+                          np.zeros(len(index.roots), bool), goal)
     per_group = {g.id: int(flags[np.searchsorted(index.roots, g.channels)].sum()) for g in groups}
     assert all(0 < n < len(g.channels) for g, n in zip(groups, per_group.values()))  # every group gives some
-    for g in groups:  # and what a group gives is its lowest-scored channels
-        order = np.argsort(means[g.id], kind="stable")[:per_group[g.id]]
+    keys = forced_keys(model, graph, index, means)
+    for g in groups:  # and what a group gives is its lowest-keyed channels
+        order = np.argsort(keys[g.id], kind="stable")[:per_group[g.id]]
         assert flags[np.searchsorted(index.roots, np.asarray(g.channels)[order])].all()
     apply_plan(model, make_plan(graph, index, index.roots[flags]))
     assert count_sizes(model, example)["macs"] <= goal * 1.05
-    already = forced_choice(model, example, GateConfig(ratio=1.5), index, means, flags, before * 10)
+    already = forced_choice(_model(), example, GateConfig(ratio=1.5), graph, index, means, flags, before * 10)
     assert (already == flags).all()  # goal already met: nothing more
+
+
+def test_forced_keys_follow_the_weights_until_the_scores_separate():
+    from dpruner.methods.api import score_groups
+    from dpruner.methods.gate import forced_keys
+
+    model = _model()
+    graph, index = analyze_groups(model, torch.randn(1, 3, 8, 8))
+    group = next(g for g in index.groups if g.prunable)
+    l1 = score_groups(model, graph, index, "l1")[group.id]
+    flat = {group.id: np.full(len(l1), 0.9)}  # not separated: the weights order the channels
+    assert (np.argsort(forced_keys(model, graph, index, flat)[group.id]) == np.argsort(l1)).all()
+    strongest = int(np.argmax(l1))
+    apart = {group.id: np.where(np.arange(len(l1)) == strongest, 0.01, 0.95)}  # separated: the score decides
+    assert int(np.argmin(forced_keys(model, graph, index, apart)[group.id])) == strongest
 
 
 def test_config_and_resolve():
