@@ -14,7 +14,7 @@ $PY bench/methods_finetune.py --seeds 0 --rows dense random l1 "taylor + sensiti
 $PY bench/methods_finetune.py --seeds 1 2 --rows "l1 + sensitivity" "tp magnitude"
 # methods that learn while fine-tuning (same budget), next to the random and l1 rows above
 $PY bench/methods_finetune.py --seeds 0 --rows gate "gate tolerance 1%" "gate sparsity 20" spp "spp A=0.05" \
-  "spp A=0.2" coarse "coarse random only" "coarse kernel 0.5" \
+  "spp A=0.2" coarse "coarse running BN" "coarse random only" "coarse kernel 0.5" \
   "random kernel 0.5" "fpgm soft"
 # the remaining seeds of the comparison
 $PY bench/methods_finetune.py --seeds 1 2 --rows "taylor + sensitivity" "tp taylor" random l1

@@ -55,9 +55,13 @@ ROWS = {
     "spp A=0.05": ("spp", {"A": 0.05}),  # the paper's A (the default before auto A)
     "spp A=0.2": ("spp", {"A": 0.2}),
     "coarse": ("coarse", {"candidates": 20, "eval_batches": 8}),
+    # candidates judged on the stale running BatchNorm statistics (the default before --bn-statistics batch)
+    "coarse running BN": ("coarse", {"candidates": 20, "eval_batches": 8, "bn_statistics": "running"}),
     # the paper's procedure: random candidates only (the default before the criterion's candidate joined the pool)
-    "coarse random only": ("coarse", {"candidates": 20, "eval_batches": 8, "criterion_candidate": False}),
-    "coarse kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 20, "eval_batches": 8}),
+    "coarse random only": ("coarse", {"candidates": 20, "eval_batches": 8, "criterion_candidate": False,
+                                      "bn_statistics": "running"}),
+    "coarse kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 20, "eval_batches": 8,
+                                     "bn_statistics": "running"}),
     # its baseline: one random kernel mask per layer (no choice), same sparsity and retrain
     "random kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 1, "eval_batches": 8}),
     "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),

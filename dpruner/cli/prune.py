@@ -43,6 +43,7 @@ def prune(
     granularity: Annotated[str, typer.Option("--granularity", help="--method coarse: feature-map (whole channels to --ratio: a dense, smaller model) or kernel (individual k x k kernels, --sparsity of every conv layer: zeros in the same shapes; input channels nobody reads any more are removed).")] = "feature-map",
     candidates: Annotated[int, typer.Option("--candidates", help="--method coarse: random masks tried per group; the least adversarial (lowest error on --eval-batches validation batches) is kept.")] = 20,
     criterion_candidate: Annotated[bool, typer.Option("--criterion-candidate/--random-candidates-only", help="--method coarse: the criterion's own choice (lowest-scored channels) competes as one of the --candidates masks; off: all random, as in the paper.")] = True,
+    bn_statistics: Annotated[str, typer.Option("--bn-statistics", help="--method coarse: judge candidates with BatchNorm on each evaluation batch's own statistics (batch: as after the recalibration that follows removal) or on the stale running ones (running).")] = "batch",
     eval_batches: Annotated[int, typer.Option("--eval-batches", help="--method coarse: validation batches the candidate masks are judged on (decoded once, kept in memory).")] = 8,
     gate_sparsity: Annotated[float, typer.Option("--gate-sparsity", help="--method gate: weight of each group's mean score in the loss (pushes scores down).")] = 2.0,
     gate_binary: Annotated[float, typer.Option("--gate-binary", help="--method gate: weight of each group's mean s(1-s) in the loss (pushes scores to 0 or 1).")] = 0.1,
@@ -182,7 +183,7 @@ def prune(
                               sparsity=sparsity, target=target, criterion=criterion, allocation=allocation,
                               exclude=tuple(exclude or ()), round_to=round_to, max_fraction=max_fraction, seed=seed,
                               candidates=candidates, eval_batches=eval_batches,
-                              criterion_candidate=criterion_candidate)
+                              criterion_candidate=criterion_candidate, bn_statistics=bn_statistics)
     elif method == "spp":
         from dpruner.methods.spp import SPPConfig
 

@@ -47,6 +47,7 @@ class CoarseConfig:
     candidates: int = 20
     eval_batches: int = 8
     criterion_candidate: bool = True  # feature-map: the criterion's own choice is one of the `candidates` masks
+    bn_statistics: str = "batch"  # candidates judged with BatchNorm on each evaluation batch's statistics, or "running"
 
     def __post_init__(self):
         if self.granularity not in ("feature-map", "kernel"):
@@ -61,6 +62,8 @@ class CoarseConfig:
             raise InputError(f"--sparsity must lie strictly between 0 and 1, got {self.sparsity:g}.")
         if not isinstance(self.candidates, int) or self.candidates < 1:
             raise InputError(f"--candidates must be a whole number >= 1, got {self.candidates}.")
+        if self.bn_statistics not in ("batch", "running"):
+            raise InputError(f"--bn-statistics must be batch or running, got '{self.bn_statistics}'.")
         if not isinstance(self.eval_batches, int) or self.eval_batches < 1:
             raise InputError(f"--eval-batches must be a whole number >= 1, got {self.eval_batches}.")
 
@@ -87,6 +90,29 @@ def group_order(model: nn.Module, graph, index) -> list:
                    default=len(position))
 
     return sorted((g for g in index.groups if g.prunable), key=lambda g: (first(g), g.id))
+
+
+class batch_statistics:
+    """Within it, every BatchNorm normalises with the statistics of the batch in front of it (its running
+    statistics are neither used nor updated): how a candidate would do after BatchNorm recalibration, which follows
+    every removal. With the stale running statistics, removing channels shifts what later norms see, and the
+    error measures that shift more than the mask (ResNet-56: the l1 mask of the first residual stream showed 99.8%
+    error, a random one 32.5%; after recalibration and fine-tuning l1's masks are the better ones)."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if enabled else []
+        self.saved: list = []
+
+    def __enter__(self):
+        self.saved = [(m.training, m.track_running_stats) for m in self.norms]
+        for m in self.norms:
+            m.training, m.track_running_stats = True, False
+        return self
+
+    def __exit__(self, *exc):
+        for m, (training, track) in zip(self.norms, self.saved):
+            m.training, m.track_running_stats = training, track
+        return False
 
 
 @torch.no_grad()
@@ -134,7 +160,7 @@ class Masking:
 
 def least_adversarial(model, graph, index, group, n_remove: int, fixed: np.ndarray, batches, candidates: int,
                       generator: torch.Generator, ctx=None, device="cpu",
-                      prior: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+                      prior: np.ndarray | None = None, bn_batch: bool = False) -> tuple[np.ndarray, list[dict]]:
     """The least adversarial of `candidates` masks removing `n_remove` of `group`'s channels on top of `fixed`
     (flags per dense class): (its flags, every candidate's error and loss). Random masks, except that `prior`
     (positions within the group, e.g. the criterion's lowest-scored channels) is the first candidate when given."""
@@ -148,7 +174,8 @@ def least_adversarial(model, graph, index, group, n_remove: int, fixed: np.ndarr
         flags = fixed.copy()
         flags[positions[chosen]] = True
         masking.apply(flags)
-        error, loss = error_and_loss(model, batches, ctx, device)
+        with batch_statistics(model, bn_batch):
+            error, loss = error_and_loss(model, batches, ctx, device)
         masking.undo()
         tried.append({"error": error, "loss": loss, "prior": i == 0 and prior is not None})
         if best_key is None or (error, loss) < best_key:  # strict: on a full tie the earlier (the prior) stays
@@ -189,7 +216,8 @@ class KernelMasks(Callback):
 
 
 def least_adversarial_kernels(model: nn.Module, name: str, n_zero: int, batches, candidates: int,
-                              generator: torch.Generator, ctx=None, device="cpu") -> tuple[torch.Tensor, list]:
+                              generator: torch.Generator, ctx=None, device="cpu",
+                              bn_batch: bool = False) -> tuple[torch.Tensor, list]:
     """The least adversarial of `candidates` random masks zeroing `n_zero` of layer `name`'s kernels."""
     weight = dict(model.named_modules())[name].weight
     out_ch, in_ch = weight.shape[:2]
@@ -201,7 +229,8 @@ def least_adversarial_kernels(model: nn.Module, name: str, n_zero: int, batches,
         mask = mask.view(out_ch, in_ch)
         with torch.no_grad():
             weight[mask.to(weight.device)] = 0.0
-        error, loss = error_and_loss(model, batches, ctx, device)
+        with batch_statistics(model, bn_batch):
+            error, loss = error_and_loss(model, batches, ctx, device)
         with torch.no_grad():
             weight.copy_(original)
         tried.append({"error": error, "loss": loss})
@@ -264,7 +293,7 @@ def run_kernel(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
         if n_zero == 0:
             continue
         mask, tried = least_adversarial_kernels(work, name, n_zero, batches, config.candidates, generator, env.ctx,
-                                                env.device)
+                                                env.device, bn_batch=config.bn_statistics == "batch")
         masks[name] = mask
         with torch.no_grad():
             module.weight[mask.to(module.weight.device)] = 0.0
@@ -305,6 +334,7 @@ def run_kernel(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
                         target_met=True, before={**before, **base}, after=after,
                         requested={"sparsity": config.sparsity}, epochs_used=used,
                         details={"coarse": {"granularity": "kernel", "candidates": config.candidates,
+                                            "bn_statistics": config.bn_statistics,
                                             "kernel_sparsity": zero / max(total, 1), "masked_layers": len(masks),
                                             "removed_channels": int(unread.sum()),
                                             "eval_samples": sum(len(y) for _, y in batches), "layers": choices}})
@@ -351,7 +381,8 @@ def run_coarse(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
             s = scores[group.id]
             prior = np.lexsort((np.arange(len(s)), s))[:n_remove]
         fixed, tried = least_adversarial(work, graph, index, group, n_remove, fixed, batches, config.candidates,
-                                         generator, env.ctx, env.device, prior=prior)
+                                         generator, env.ctx, env.device, prior=prior,
+                                         bn_batch=config.bn_statistics == "batch")
         errors = [t["error"] for t in tried]
         key = min(range(len(tried)), key=lambda i: (tried[i]["error"], tried[i]["loss"]))
         choices.append({"group": group.id, "layers": group.layers[:4], "removed": n_remove,
@@ -375,5 +406,6 @@ def run_coarse(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
                         requested={"ratio": config.ratio}, epochs_used=used,
                         details={"coarse": {"granularity": "feature-map", "candidates": config.candidates,
                                             "criterion_candidate": config.criterion_candidate,
+                                            "bn_statistics": config.bn_statistics,
                                             "criterion_won": sum(c["criterion_won"] for c in choices),
                                             "eval_samples": sum(len(y) for _, y in batches), "groups": choices}})

@@ -13,7 +13,7 @@ import dpruner
 from dpruner.data.loaders import load_data
 from dpruner.errors import InputError
 from dpruner.graph.summary import analyze_groups
-from dpruner.methods.coarse import CoarseConfig, error_and_loss, group_order, least_adversarial
+from dpruner.methods.coarse import CoarseConfig, batch_statistics, error_and_loss, group_order, least_adversarial
 from dpruner.methods.run import resolve, run
 from dpruner.train.config import TrainConfig
 from tests.conftest import SAMPLE_MODELS
@@ -83,6 +83,32 @@ def test_the_criterions_candidate_competes_and_loses_when_it_hurts():
                                      torch.Generator().manual_seed(0), prior=np.array([3]))
     assert len(tried) == 1 and tried[0]["error"] == 0.0
     assert np.flatnonzero(flags[positions]).tolist() == [3]
+
+
+def test_candidates_are_judged_on_batch_statistics_without_touching_the_running_ones():
+    """A shifted input (what removing an earlier channel does to a later norm) wrecks a model on stale running
+    statistics; on the batch's own statistics it is what recalibration would give, and nothing is updated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    x = torch.randn(64, 3, 4, 4)
+    model.train()
+    for _ in range(50):
+        model(x)  # running statistics of this input distribution
+    model.eval()
+    shifted = x * 3 + 2
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    stale = model(shifted)
+    with batch_statistics(model):
+        inside = model(shifted)
+        assert model[1].training and not model[0].training  # only the norm switches
+    expected = F.batch_norm(model[0](shifted), None, None, model[1].weight, model[1].bias, training=True)
+    assert torch.allclose(inside, model[5](model[4](model[3](F.relu(expected)))), atol=1e-6)
+    assert not torch.allclose(inside, stale, atol=1e-3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())  # running stats, counter untouched
+    assert not model[1].training and model[1].track_running_stats
+    with batch_statistics(model, enabled=False):
+        assert not model[1].training
 
 
 def test_groups_are_visited_from_input_to_output():
@@ -174,7 +200,7 @@ def test_kernel_run_removes_emptied_channels_and_the_masks_follow(monkeypatch):
     left in features.0 / features.2's input), counted in the MACs, and the remaining masked kernels stay zero."""
     import dpruner.methods.coarse as coarse
 
-    def planted(model, name, n_zero, batches, candidates, generator, ctx=None, device="cpu"):
+    def planted(model, name, n_zero, batches, candidates, generator, ctx=None, device="cpu", bn_batch=False):
         weight = dict(model.named_modules())[name].weight
         mask = torch.zeros(weight.shape[:2], dtype=torch.bool)
         if name == "features.2":
