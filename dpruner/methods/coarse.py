@@ -179,7 +179,8 @@ def least_adversarial(model, graph, index, group, n_remove: int, fixed: np.ndarr
         masking.undo()
         tried.append({"error": error, "loss": loss, "prior": i == 0 and prior is not None})
         if best_key is None or (error, loss) < best_key:  # strict: on a full tie the earlier (the prior) stays
-            best, best_key = flags, (error, loss)
+            best, best_key, kept = flags, (error, loss), i
+    tried[kept]["kept"] = True
     return best, tried
 
 
@@ -384,10 +385,9 @@ def run_coarse(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
                                          generator, env.ctx, env.device, prior=prior,
                                          bn_batch=config.bn_statistics == "batch")
         errors = [t["error"] for t in tried]
-        key = min(range(len(tried)), key=lambda i: (tried[i]["error"], tried[i]["loss"]))
         choices.append({"group": group.id, "layers": group.layers[:4], "removed": n_remove,
                         "best_error": min(errors), "median_error": float(np.median(errors)),
-                        "worst_error": max(errors), "criterion_won": bool(tried[key]["prior"]),
+                        "worst_error": max(errors), "criterion_won": tried[0]["prior"] and tried[0].get("kept", False),
                         "criterion_error": tried[0]["error"] if prior is not None else None})
     work.cpu()
     plan = make_plan(graph, index, index.roots[fixed])

@@ -407,7 +407,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         cost = build_cost_model(model, graph, index, macs.by_module, macs.total)
         removed = choose(index, means, cost, goal, which, config.threshold, config.max_fraction)
         extra = 0
-        if final and goal is not None:  # the budget ends: the planner's widths, lowest-scored channels first
+        if final and goal is not None:  # the budget ends: the planner's widths, lowest score x L1 first
             everything = forced_choice(model, example, config, graph, index, means, removed, goal,
                                        env.leaf_modules)
             extra = int(everything.sum() - removed.sum())
