@@ -64,11 +64,15 @@ ROWS = {
                                      "bn_statistics": "running"}),
     # its baseline: one random kernel mask per layer (no choice), same sparsity and retrain
     "random kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 1, "eval_batches": 8}),
-    "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),
+    "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),  # progressive schedule: removals at 0.2, 0.4, 0.6 epochs
+    # the whole ratio forced in the last interval (the default before the progressive schedule)
+    "gate last": ("gate", {"ratio": 2.0, "prune_every": 0.2, "schedule": "last"}),
+    # diagnosis: no sparsity or binarisation pull (the gates only follow the task loss): what the gating costs
+    "gate no pull": ("gate", {"ratio": 2.0, "prune_every": 0.2, "sparsity_weight": 0.0, "binary_weight": 0.0}),
     "gate tolerance 1%": ("gate", {"tolerance": 0.01, "prune_every": 0.2}),
     # ten times the default sparsity pull: the default (2.0, tuned on digits) barely moves ResNet-56's scores in
     # the 47 gating steps of this budget (mean score 0.95 -> 0.90), so the last interval forces the removal
-    "gate sparsity 20": ("gate", {"ratio": 2.0, "prune_every": 0.2, "sparsity_weight": 20.0}),
+    "gate sparsity 20": ("gate", {"ratio": 2.0, "prune_every": 0.2, "sparsity_weight": 20.0, "schedule": "last"}),
     "tolerance 1% l1": ("tolerance", "l1"),
     "tolerance 1% taylor": ("tolerance", "taylor"),
 }

@@ -49,6 +49,7 @@ def prune(
     gate_binary: Annotated[float, typer.Option("--gate-binary", help="--method gate: weight of each group's mean s(1-s) in the loss (pushes scores to 0 or 1).")] = 0.1,
     gate_threshold: Annotated[float, typer.Option("--gate-threshold", help="--method gate: channels whose mean score over an interval is below this are removed.")] = 0.1,
     gate_every: Annotated[float, typer.Option("--gate-every", help="--method gate: epochs between removals (fractions allowed).")] = 1.0,
+    gate_schedule: Annotated[str, typer.Option("--gate-schedule", help="--method gate with --ratio: progressive (interval i of n removes at least up to ratio^(i/n), so the network recovers between removals) or last (only the last interval forces the ratio; earlier ones remove what the threshold says).")] = "progressive",
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
     label_smoothing: t.LabelSmoothingOpt = 0.1,
@@ -165,7 +166,7 @@ def prune(
                             tolerance=parse_tolerance(tolerance) if tolerance is not None else None, target=target,
                             exclude=tuple(exclude or ()), max_fraction=max_fraction, seed=seed,
                             sparsity_weight=gate_sparsity, binary_weight=gate_binary, threshold=gate_threshold,
-                            prune_every=gate_every)
+                            prune_every=gate_every, schedule=gate_schedule)
     elif tolerance is not None:
         from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance
 

@@ -9,8 +9,9 @@ planner (criterion + allocation at the --ratio, as for SPP); unless `criterion_c
 own choice (the group's lowest-scored channels) is the first of the N candidates, so the kept mask is never worse
 on the evaluation subset than the criterion's (with 20 random candidates only, ResNet-56 at 2x tied random pruning
 after fine-tuning; docs/benchmarks.md); candidates are scored on `eval_batches` batches of the
-validation split, decoded once and kept in memory (the evaluation reuses those cached inputs; every candidate runs
-the whole network on them, which works for any graph, rather than caching each layer's input); a masked channel is
+validation split, decoded once and kept in memory; per batch, the part of the network that runs before the masked
+layers is computed once and replayed for every candidate (methods/prefix.py: the paper's cached layer inputs, found
+from the modules' call order, so it works for any graph); a masked channel is
 zeroed in every member of its group (filters, biases and the norms' affine), so a candidate shows exactly what its
 removal would do.
 """
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpruner.errors import InputError
+from dpruner.methods.prefix import Prefix
 from dpruner.train.loop import Callback
 
 
@@ -48,6 +50,7 @@ class CoarseConfig:
     eval_batches: int = 8
     criterion_candidate: bool = True  # feature-map: the criterion's own choice is one of the `candidates` masks
     bn_statistics: str = "batch"  # candidates judged with BatchNorm on each evaluation batch's statistics, or "running"
+    cached_inputs: bool = True  # replay what runs before the masked layers once per batch (methods/prefix.py)
 
     def __post_init__(self):
         if self.granularity not in ("feature-map", "kernel"):
@@ -158,28 +161,74 @@ class Masking:
         self.saved = []
 
 
+def judge(model: nn.Module, batches, variants: list, apply, undo, changed: set[str], prefix=None, ctx=None,
+          device="cpu", bn_batch: bool = False) -> list[tuple[float, float]]:
+    """(top-1 error, mean cross-entropy) of each variant on the in-memory `batches`, summed over torchrun ranks
+    (each holds its own share of the evaluation subset, so every rank keeps the same candidate). `apply(v)` /
+    `undo()` put a variant into the model and take it out; with a `Prefix`, what runs before the `changed`
+    modules is computed once per batch and replayed for every variant (the paper's cached layer inputs)."""
+    totals = np.zeros((len(variants), 3))
+    names = prefix.clean(changed) if prefix is not None else []
+    with torch.no_grad(), batch_statistics(model, bn_batch):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            cache = prefix.record(names, x)[1] if names else {}
+            for i, variant in enumerate(variants):
+                apply(variant)
+                try:
+                    if cache:
+                        with prefix.replay(cache):
+                            out = model(x).float()
+                    else:
+                        out = model(x).float()
+                finally:
+                    undo()
+                totals[i] += (float((out.argmax(1) != y).sum()), float(F.cross_entropy(out, y, reduction="sum")),
+                              len(y))
+    if ctx is not None and ctx.enabled:
+        from dpruner.train.distributed import sum_across
+
+        totals = np.asarray(sum_across(totals.ravel().tolist(), ctx, device)).reshape(totals.shape)
+    return [(w / max(n, 1.0), l / max(n, 1.0)) for w, l, n in totals]
+
+
+def changed_modules(graph, index, flags: np.ndarray) -> set[str]:
+    """The modules whose parameters `Masking` zeroes for the flagged channels (their producers and norms)."""
+    gone = np.nonzero(flags)[0]
+    return {slot.module for key, slot in graph.slots.items()
+            if slot.role in ("out", "norm") and np.isin(index.slot_classes[key], gone).any()}
+
+
 def least_adversarial(model, graph, index, group, n_remove: int, fixed: np.ndarray, batches, candidates: int,
                       generator: torch.Generator, ctx=None, device="cpu",
-                      prior: np.ndarray | None = None, bn_batch: bool = False) -> tuple[np.ndarray, list[dict]]:
+                      prior: np.ndarray | None = None, bn_batch: bool = False,
+                      prefix=None) -> tuple[np.ndarray, list[dict]]:
     """The least adversarial of `candidates` masks removing `n_remove` of `group`'s channels on top of `fixed`
     (flags per dense class): (its flags, every candidate's error and loss). Random masks, except that `prior`
     (positions within the group, e.g. the criterion's lowest-scored channels) is the first candidate when given."""
-    masking = Masking(model, graph, index)
     positions = np.searchsorted(index.roots, np.asarray(group.channels))
-    best, best_key, tried = None, None, []
+    draws = []
     for i in range(candidates):
         chosen = torch.randperm(len(positions), generator=generator)[:n_remove].numpy()
         if i == 0 and prior is not None:  # the random draw is still made: later candidates stay the same
             chosen = np.asarray(prior)[:n_remove]
-        flags = fixed.copy()
+        flags = np.zeros_like(fixed)
         flags[positions[chosen]] = True
-        masking.apply(flags)
-        with batch_statistics(model, bn_batch):
-            error, loss = error_and_loss(model, batches, ctx, device)
-        masking.undo()
+        draws.append(flags)
+    held, masking = Masking(model, graph, index), Masking(model, graph, index)
+    held.apply(fixed)  # the earlier groups' masks, held while this group's candidates are judged
+    try:
+        every = np.zeros_like(fixed)
+        every[positions] = True
+        results = judge(model, batches, draws, masking.apply, masking.undo, changed_modules(graph, index, every),
+                        prefix, ctx, device, bn_batch)
+    finally:
+        held.undo()
+    best, best_key, tried = None, None, []
+    for i, (error, loss) in enumerate(results):
         tried.append({"error": error, "loss": loss, "prior": i == 0 and prior is not None})
         if best_key is None or (error, loss) < best_key:  # strict: on a full tie the earlier (the prior) stays
-            best, best_key, kept = flags, (error, loss), i
+            best, best_key, kept = fixed | draws[i], (error, loss), i
     tried[kept]["kept"] = True
     return best, tried
 
@@ -218,22 +267,24 @@ class KernelMasks(Callback):
 
 def least_adversarial_kernels(model: nn.Module, name: str, n_zero: int, batches, candidates: int,
                               generator: torch.Generator, ctx=None, device="cpu",
-                              bn_batch: bool = False) -> tuple[torch.Tensor, list]:
+                              bn_batch: bool = False, prefix=None) -> tuple[torch.Tensor, list]:
     """The least adversarial of `candidates` random masks zeroing `n_zero` of layer `name`'s kernels."""
     weight = dict(model.named_modules())[name].weight
     out_ch, in_ch = weight.shape[:2]
-    best, best_key, tried = None, None, []
     original = weight.detach().clone()
+    masks = []
     for _ in range(candidates):
         mask = torch.zeros(out_ch * in_ch, dtype=torch.bool)
         mask[torch.randperm(out_ch * in_ch, generator=generator)[:n_zero]] = True
-        mask = mask.view(out_ch, in_ch)
-        with torch.no_grad():
-            weight[mask.to(weight.device)] = 0.0
-        with batch_statistics(model, bn_batch):
-            error, loss = error_and_loss(model, batches, ctx, device)
-        with torch.no_grad():
-            weight.copy_(original)
+        masks.append(mask.view(out_ch, in_ch))
+
+    def apply(mask):
+        weight[mask.to(weight.device)] = 0.0
+
+    results = judge(model, batches, masks, apply, lambda: weight.copy_(original), {name}, prefix, ctx, device,
+                    bn_batch)
+    best, best_key, tried = None, None, []
+    for mask, (error, loss) in zip(masks, results):
         tried.append({"error": error, "loss": loss})
         if best_key is None or (error, loss) < best_key:
             best, best_key = mask, (error, loss)
@@ -287,6 +338,7 @@ def run_kernel(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
     if not layers:
         raise InputError("--granularity kernel found no ungrouped convolution to mask.")
     work.to(env.device)
+    prefix = Prefix(work, batches[0][0].to(env.device)) if config.cached_inputs and batches else None
     masks, choices = {}, []
     for name, module in layers:
         out_ch, in_ch = module.weight.shape[:2]
@@ -294,7 +346,8 @@ def run_kernel(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
         if n_zero == 0:
             continue
         mask, tried = least_adversarial_kernels(work, name, n_zero, batches, config.candidates, generator, env.ctx,
-                                                env.device, bn_batch=config.bn_statistics == "batch")
+                                                env.device, bn_batch=config.bn_statistics == "batch",
+                                                prefix=prefix)
         masks[name] = mask
         with torch.no_grad():
             module.weight[mask.to(module.weight.device)] = 0.0
@@ -371,6 +424,7 @@ def run_coarse(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
     generator = torch.Generator().manual_seed(config.seed)  # the same draws on every rank
     scores = score_groups(work, graph, index, config.criterion, config.seed) if config.criterion_candidate else {}
     work.to(env.device)
+    prefix = Prefix(work, batches[0][0].to(env.device)) if config.cached_inputs and batches else None
     fixed = np.zeros(len(index.roots), dtype=bool)
     choices = []
     for group in group_order(work, graph, index):
@@ -383,7 +437,7 @@ def run_coarse(model: nn.Module, example: torch.Tensor, config: CoarseConfig, en
             prior = np.lexsort((np.arange(len(s)), s))[:n_remove]
         fixed, tried = least_adversarial(work, graph, index, group, n_remove, fixed, batches, config.candidates,
                                          generator, env.ctx, env.device, prior=prior,
-                                         bn_batch=config.bn_statistics == "batch")
+                                         bn_batch=config.bn_statistics == "batch", prefix=prefix)
         errors = [t["error"] for t in tried]
         choices.append({"group": group.id, "layers": group.layers[:4], "removed": n_remove,
                         "best_error": min(errors), "median_error": float(np.median(errors)),

@@ -12,12 +12,19 @@ channel while the network fine-tunes, and the channels it keeps rating low are r
   (2.0, 0.1, 0.5) were picked on the digits sample model so that scores separate within a few epochs: with equal
   weights the binarisation term holds scores starting near 1 where they are, and nothing is removed.
 - every `prune_every` epochs the channels whose mean score over those epochs is below `threshold` go (lowest first,
-  never past the goal, nor past --max-fraction of a group's current width in one removal); the surviving channels' mean scores are folded into the norm
-  layer (gamma *= s, beta *= s) or the producer's weights and bias: exact, since the gate is linear after them.
-- stop at the --ratio (MACs or params) or, with a tolerance, before validation accuracy drops past it; a ratio not
-  reached by the last gating interval is met there regardless of the threshold (counted as forced): each group
-  loses channels up to the width dpruner's planner gives it (uniform allocation), lowest score x L1 norm first
-  (the folded channel's magnitude: the weights decide where the scores have not separated). Scorers are dropped and the rest of the budget fine-tunes the plain model.
+  never past the goal, nor past --max-fraction of a group's current width in one removal). When the gating ends,
+  the surviving channels' mean scores over the last interval are folded into the norm layer (gamma *= s,
+  beta *= s) or the producer's weights and bias: exact, since the gate is linear after them.
+- stop at the --ratio (MACs or params) or, with a tolerance, before validation accuracy drops past it. With a ratio,
+  `schedule` "progressive" (default) makes interval i of n reach at least ratio^(i/n), so removals spread over the
+  gating phase and the network recovers between them; "last" forces only the last interval. What the threshold
+  leaves short of an interval's goal is removed regardless of it (counted as forced): each group loses channels up
+  to the width dpruner's planner gives it (uniform allocation), lowest score x L1 norm first (the folded channel's
+  magnitude: the weights decide where the scores have not separated). After a removal the scorers continue,
+  restricted to the surviving channels (`links`, `carry`), and stay on the network (BatchNorm is recalibrated with
+  them on): a score keeps its history across removals and nothing is scaled twice. Only where a group's channels
+  cannot be traced to one old scorer are all scores folded in and the scorers started over. Scorers are dropped
+  at the end and the rest of the budget fine-tunes the plain model.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class GateConfig:
     hidden_divisor: int = 8
     scorer_lr: float = 0.5
     initial_score: float = 0.95
+    schedule: str = "progressive"
 
     def __post_init__(self):
         from dpruner import validate
@@ -68,11 +76,25 @@ class GateConfig:
         validate.number(self.threshold, "--gate-threshold", low=0, low_open=True, high=1, high_open=True)
         validate.number(self.prune_every, "--gate-every", low=0, low_open=True, high=validate.MAX_EPOCHS)
         validate.number(self.final_fraction, "final_fraction", low=0, high=1, high_open=True)
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"--gate-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
 
 
-def _scorer(n: int, divisor: int, initial: float) -> nn.Sequential:
+# progressive: interval i of n meets at least ratio^(i/n) (removals spread over the gating phase, the network
+# recovers between them); last: only the last interval forces the ratio (earlier ones remove what the threshold says)
+SCHEDULES = ("progressive", "last")
+
+
+def interval_goal(before: float, goal: float, step: int, steps: int, schedule: str) -> float | None:
+    """The target (MACs or params) interval `step` of `steps` must reach: None where nothing is forced."""
+    if schedule == "last":
+        return goal if step >= steps else None
+    return before * (goal / before) ** (min(step, steps) / steps)
+
+
+def _scorer(n: int, divisor: int, initial: float, hidden: int | None = None) -> nn.Sequential:
     """C -> max(4, C/divisor) -> C, sigmoid; starts at `initial` for every channel (last layer zero, bias logit)."""
-    hidden = max(4, n // divisor)
+    hidden = hidden or max(4, n // divisor)
     net = nn.Sequential(nn.Linear(n, hidden), nn.ReLU(), nn.Linear(hidden, n), nn.Sigmoid())
     nn.init.zeros_(net[2].weight)
     nn.init.constant_(net[2].bias, math.log(initial / (1 - initial)))
@@ -98,41 +120,99 @@ def _members(graph, index, group) -> list[tuple]:
     return outs
 
 
+def gate_members(graph, index) -> tuple[dict[int, int], dict[str, list[tuple]]]:
+    """The gated groups' widths and, per gated module, (group id, output positions, their channel index in the
+    group, the module's output width, slot role) for each group it carries."""
+    sizes: dict[int, int] = {}
+    probes: dict[str, list] = {}
+    for group in index.groups:
+        if not group.prunable:
+            continue
+        members = _members(graph, index, group)
+        if not members:
+            continue
+        sizes[group.id] = len(group.channels)
+        rank = np.full(len(index.roots), -1, dtype=np.int64)
+        rank[index.roots.searchsorted(group.channels)] = np.arange(len(group.channels))
+        for key in members:
+            of_position = rank[index.slot_classes[key]]
+            mine = np.nonzero(of_position >= 0)[0]
+            probes.setdefault(key[0], []).append(
+                (group.id, torch.as_tensor(mine), torch.as_tensor(of_position[mine]), len(of_position),
+                 graph.slots[key].role))
+    return sizes, probes
+
+
+def links(members: dict[str, list[tuple]], plan: dict, graph, index) -> dict[int, tuple[int, torch.Tensor]]:
+    """Where each gated group of a pruned model came from: new group id -> (old group id, the old channel index of
+    each of its channels). `members`: the gates before the removal (`Gates.members`); `plan`: the removal;
+    `graph`/`index`: the pruned model's. A group whose channels cannot be traced to one old group is left out."""
+    old_at: dict[tuple[str, str], dict[int, tuple[int, int]]] = {}
+    for name, entries in members.items():
+        for gid, mine, target, _, role in entries:
+            old_at.setdefault((name, role), {}).update(
+                {p: (gid, i) for p, i in zip(mine.tolist(), target.tolist())})
+    sizes, probes = gate_members(graph, index)
+    out: dict[int, tuple[int, torch.Tensor]] = {}
+    for gid, n in sizes.items():
+        entry = next(((name, e) for name, entries in probes.items() for e in entries if e[0] == gid), None)
+        if entry is None:
+            continue
+        name, (_, mine, target, _, role) = entry
+        kept = plan.get("modules", {}).get(name, {}).get(role)
+        source = old_at.get((name, role), {})
+        pairs = [(j, source.get(kept[q] if kept is not None else q)) for q, j in zip(mine.tolist(), target.tolist())]
+        if len(pairs) != n or any(o is None for _, o in pairs) or len({o[0] for _, o in pairs}) != 1:
+            continue
+        out[gid] = (pairs[0][1][0], torch.as_tensor([o[1] for _, o in sorted(pairs)]))
+    return out
+
+
+def carry(state: dict[int, dict], traced: dict[int, tuple[int, torch.Tensor]]) -> dict[int, dict]:
+    """The scorers of a removal's survivors: each new group's scorer is its old group's restricted to the kept
+    channels (input features and outputs; the hidden layer keeps its width), so what the scorers learned survives
+    the removal. `traced`: `links`."""
+    out = {}
+    for gid, (old_gid, idx) in traced.items():
+        old = state[old_gid]
+        out[gid] = {"0.weight": old["0.weight"][:, idx], "0.bias": old["0.bias"],
+                    "2.weight": old["2.weight"][idx], "2.bias": old["2.bias"][idx]}
+    return out
+
+
 class Gates:
     """Scorer networks attached to a model: a submodule `_dpruner_gates` (so fit's optimizer and DDP see the
     scorers' parameters) and forward hooks on the gated layers. `detach()` leaves the plain model."""
 
     NAME = "_dpruner_gates"
 
-    def __init__(self, model: nn.Module, graph, index, config: GateConfig, seed: int = 0):
+    def __init__(self, model: nn.Module, graph, index, config: GateConfig, seed: int = 0,
+                 carried: dict[int, dict] | None = None):
+        """`carried` (group id -> scorer state, from `carry`) continues earlier scorers for the groups whose width
+        matches; the others start fresh (seeded)."""
         self.model, self.graph, self.index = model, graph, index
-        self.sizes: dict[int, int] = {}
-        probes: dict[str, list] = {}
-        for group in index.groups:
-            if not group.prunable:
-                continue
-            members = _members(graph, index, group)
-            if not members:
-                continue
-            self.sizes[group.id] = len(group.channels)
-            rank = np.full(len(index.roots), -1, dtype=np.int64)
-            rank[index.roots.searchsorted(group.channels)] = np.arange(len(group.channels))
-            for key in members:
-                of_position = rank[index.slot_classes[key]]
-                mine = np.nonzero(of_position >= 0)[0]
-                probes.setdefault(key[0], []).append(
-                    (group.id, torch.as_tensor(mine), torch.as_tensor(of_position[mine]), len(of_position)))
-        self.members = probes
+        self.sizes, self.members = gate_members(graph, index)
         with torch.random.fork_rng(devices=[]):  # seeded, so a resumed run draws the same scorers
             torch.manual_seed(seed)
             self.scorers = nn.ModuleDict({str(g): _scorer(n, config.hidden_divisor, config.initial_score)
                                           for g, n in sorted(self.sizes.items())})
+        for g, state in (carried or {}).items():
+            if g in self.sizes and state["2.bias"].numel() == self.sizes[g]:
+                net = _scorer(self.sizes[g], config.hidden_divisor, config.initial_score,
+                              hidden=state["0.weight"].shape[0])
+                net.load_state_dict(state)
+                self.scorers[str(g)] = net
         self.cache: dict[int, torch.Tensor] = {}
         self.constant: dict[int, torch.Tensor] | None = None  # fixed scores (folding checks); None: the scorers
         model.add_module(self.NAME, self.scorers)
         self.handles = [model.register_forward_pre_hook(lambda m, args: self.cache.clear())]
-        for name in probes:
+        for name in self.members:
             self.handles.append(graph.modules[name].register_forward_hook(self._hook(name)))
+
+    def state(self) -> dict[int, dict]:
+        """Each group's scorer weights (copies), the form `carry` and `carried=` take."""
+        return {int(g): {k: v.detach().clone() for k, v in net.state_dict().items()}
+                for g, net in self.scorers.items()}
 
     def _score(self, gid: int, z: torch.Tensor, axis: int, mine, target, n_pos) -> torch.Tensor:
         if self.constant is not None:
@@ -147,7 +227,7 @@ class Gates:
                 return z
             axis = channel_dim(module, z, self.members[name][0][3])
             factor = None
-            for gid, mine, target, n_pos in self.members[name]:
+            for gid, mine, target, n_pos, _ in self.members[name]:
                 if gid not in self.cache:
                     self.cache[gid] = self._score(gid, z, axis, mine, target, n_pos)
                 if factor is None:
@@ -266,8 +346,8 @@ def choose(index, means: dict[int, np.ndarray], cost, goal: float | None, which:
 
 def forced_choice(model: nn.Module, example: torch.Tensor, config: GateConfig, graph, index,
                   means: dict[int, np.ndarray], removed: np.ndarray, goal: float, leaf_modules=()) -> np.ndarray:
-    """The last gating interval with the goal not met yet: every group loses channels up to the width dpruner's
-    planner gives it at the remaining ratio (uniform allocation, as SPP's goals), on top of what the threshold
+    """A gating interval whose goal (the schedule's share of the ratio; the ratio itself in the last interval) the
+    threshold did not meet: every group loses channels up to the width dpruner's planner gives it at the remaining ratio (uniform allocation, as SPP's goals), on top of what the threshold
     already removed, lowest `forced_keys` first. A global ranking by score alone takes the costliest groups while
     the scores have not separated: on ResNet-56 at 2x with a 1-epoch budget (mean score still 0.90) it cut the
     residual stream and ended at 48.3% top-1 after fine-tuning, below random pruning (76.7%)."""
@@ -347,10 +427,11 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
 
         raise DataError("The training split is empty (a loader with drop_last and fewer items than a batch?).")
     interval = max(1, round(min(config.prune_every, gate_budget) * batches)) / batches  # what fit really trains
+    intervals = max(1, math.floor((gate_budget + 1e-9) / interval))  # gating intervals the budget holds
     plans: list[dict] = []
     history: list[dict] = []
     used, position, forced, reached, stop = 0.0, 0, 0, False, None
-    saved: tuple[dict, dict] | None = None  # scorer weights kept while nothing was removed (same graph)
+    saved: dict[int, dict] | None = None  # the scorers to continue (group id -> weights; `carry` after a removal)
     unfolded: dict[int, np.ndarray] | None = None  # last interval's scores, trained with but not yet folded
     if env.resume is not None:
         progress = check_state(env.resume, "gate", settings,
@@ -366,15 +447,14 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         used, position, forced = progress["used"], progress["position"], progress["forced"]
         reached, stop = progress["reached"], progress.get("stop")
         if progress.get("scorers") is not None:
-            saved = ({int(k): v for k, v in progress["scorers"]["sizes"].items()}, progress["scorers"]["state"])
+            saved = {int(k): v for k, v in progress["scorers"].items()}
         if progress.get("unfolded") is not None:
             unfolded = {int(k): v.numpy() for k, v in progress["unfolded"].items()}
 
     def checkpoint() -> None:
         """The state after an interval (or before the final fine-tune): --resume continues from here."""
         if env.on_checkpoint is not None:
-            scorers = None if saved is None else {"sizes": {str(k): v for k, v in saved[0].items()},
-                                                  "state": saved[1]}
+            scorers = None if saved is None else {str(k): v for k, v in saved.items()}
             env.on_checkpoint(make_state("gate", settings, model.state_dict(),
                                          {"used": used, "position": position, "history": history, "forced": forced,
                                           "reached": reached, "stop": stop, "scorers": scorers,
@@ -384,15 +464,16 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
 
     while stop is None and not reached and interval > 0 and used + interval <= gate_budget + 1e-9:
         final = used + 2 * interval > gate_budget + 1e-9  # the last gating interval: the goal must be met now
+        # what this interval must reach at least (the schedule's share of the ratio; None: the threshold decides)
+        due = None if goal is None else \
+            goal if final else interval_goal(before[config.target], goal, len(history) + 1, intervals, config.schedule)
         model.cpu().eval()
         graph, index = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
-        gates = Gates(model, graph, index, config, seed=config.seed * 1_000_003 + len(history))
+        gates = Gates(model, graph, index, config, seed=config.seed * 1_000_003 + len(history), carried=saved)
         if not gates.sizes:
             gates.detach()
             stop = "no group can carry a gate"
             break
-        if saved is not None and saved[0] == gates.sizes:
-            gates.scorers.load_state_dict(saved[1])
         training = GateTraining(gates, config)
         result = fit(model.to(device), data, env.train.with_(epochs=interval, seed=env.train.seed + len(history)),
                      device=device, ctx=ctx, teacher=teacher, description="gate", position=position,
@@ -400,15 +481,15 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         used += result.epochs
         position += result.steps
         means = training.means(ctx, device)
-        saved = (dict(gates.sizes), copy.deepcopy(gates.scorers.state_dict()))
+        saved = gates.state()
         gates.detach()
         model.cpu().eval()
         macs = count_macs(model, example)
         cost = build_cost_model(model, graph, index, macs.by_module, macs.total)
         removed = choose(index, means, cost, goal, which, config.threshold, config.max_fraction)
         extra = 0
-        if final and goal is not None:  # the budget ends: the planner's widths, lowest score x L1 first
-            everything = forced_choice(model, example, config, graph, index, means, removed, goal,
+        if due is not None:  # the schedule's share not met by the threshold: planner's widths, lowest score x L1
+            everything = forced_choice(model, example, config, graph, index, means, removed, due,
                                        env.leaf_modules)
             extra = int(everything.sum() - removed.sum())
             removed = everything
@@ -419,26 +500,43 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             unfolded = means  # folded if the loop ends here; the next interval's gates start from these scorers
             checkpoint()
             continue
-        unfolded = None
-        fold(model, graph, index, means)  # the network as trained, with its scores: what a rollback returns to
-        kept_before = copy.deepcopy(model)
+        kept_before = copy.deepcopy(model)  # as trained, scores not folded: what a rollback returns to (folded)
         plan = make_plan(graph, index, index.roots[removed])
         apply_plan(model, plan)
         check_pruned(model, example, expected, leaf_modules=env.leaf_modules)
+        new_graph, new_index = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
+        traced = links(gates.members, plan, new_graph, new_index)
+        if set(traced) == set(gate_members(new_graph, new_index)[0]):
+            # every survivor keeps its scorer: the gates stay on, nothing is folded until the gating ends
+            saved = carry(saved, traced)
+            unfolded = {g: means[old][idx.numpy()] for g, (old, idx) in traced.items()}
+        else:  # a group would start over: fold every score in (its scale would be lost otherwise), fresh scorers
+            model = copy.deepcopy(kept_before)
+            fold(model, *analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules),
+                 means)  # (the same groups: the model is the one `graph` was built from, copied)
+            apply_plan(model, plan)
+            saved, unfolded = None, None
         # the removed channels' (scaled) outputs are gone from every later layer's input: re-estimate BatchNorm
-        # statistics before the tolerance check measures the model and before training goes on
-        recalibrate(model, data, env)
-        saved = None
+        # statistics, with the gates on as training goes on with them, before the tolerance check measures the
+        # model and before training continues
         sizes = count_sizes(model, example)
+        live = Gates(model, new_graph, new_index, config, carried=saved) if saved is not None else None
+        try:
+            recalibrate(model, data, env)
+            accuracy = step_accuracy(model, data, device, ctx) if floor is not None else None
+        finally:
+            if live is not None:
+                live.detach()
         entry.update(sizes)
         if floor is not None:
-            accuracy = step_accuracy(model, data, device, ctx)
             entry["val_accuracy"] = accuracy
             if accuracy < floor:  # this step went past the tolerance: keep the model before it and stop
                 model = kept_before
+                fold(model, *analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules),
+                     means)
                 history.append({**entry, "action": "rolled back"})
                 stop = "tolerance"
-                saved = None
+                saved, unfolded = None, None
                 checkpoint()
                 break
         forced += extra

@@ -200,7 +200,8 @@ def test_kernel_run_removes_emptied_channels_and_the_masks_follow(monkeypatch):
     left in features.0 / features.2's input), counted in the MACs, and the remaining masked kernels stay zero."""
     import dpruner.methods.coarse as coarse
 
-    def planted(model, name, n_zero, batches, candidates, generator, ctx=None, device="cpu", bn_batch=False):
+    def planted(model, name, n_zero, batches, candidates, generator, ctx=None, device="cpu", bn_batch=False,
+                prefix=None):
         weight = dict(model.named_modules())[name].weight
         mask = torch.zeros(weight.shape[:2], dtype=torch.bool)
         if name == "features.2":

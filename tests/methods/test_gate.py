@@ -149,6 +149,53 @@ def test_forced_keys_follow_the_weights_until_the_scores_separate():
     assert int(np.argmin(forced_keys(model, graph, index, apart)[group.id])) == strongest
 
 
+def test_progressive_schedule_spreads_the_ratio_geometrically():
+    from dpruner.methods.gate import interval_goal
+
+    goals = [interval_goal(100.0, 25.0, i, 4, "progressive") for i in range(1, 5)]
+    assert goals == pytest.approx([100 / 4 ** 0.25, 50.0, 100 / 4 ** 0.75, 25.0])  # ratio^(i/n): 1.41x, 2x, ..., 4x
+    assert [interval_goal(100.0, 25.0, i, 4, "last") for i in range(1, 5)] == [None, None, None, 25.0]
+    with pytest.raises(InputError, match="--gate-schedule"):
+        GateConfig(ratio=2.0, schedule="sometimes")
+
+
+def test_carried_scorers_keep_each_survivors_learned_score_after_a_removal():
+    """After channels go, each surviving channel's scorer output (its last-layer row and bias) and input column
+    follow it to its new position; with zero input weights on the removed channels the scores are identical."""
+    from dpruner.methods.gate import carry, links
+    from dpruner.surgery.plan import apply_plan, make_plan
+
+    model = _model()
+    example = torch.randn(1, 3, 8, 8)
+    graph, index = analyze_groups(model, example)
+    gates = Gates(model, graph, index, GateConfig(ratio=2.0))
+    gen = torch.Generator().manual_seed(3)
+    for net in gates.scorers.values():  # learned-looking scorers: distinct scores per channel
+        for p in net.parameters():
+            p.data = torch.randn(p.shape, generator=gen)
+    stream = next(g for g in index.groups if g.id in gates.sizes and len(g.channels) == 6)
+    drop = [1, 4]  # two of the stream's channels go
+    with torch.no_grad():
+        gates.scorers[str(stream.id)][0].weight[:, drop] = 0.0  # so the survivors' features fully decide
+    x = torch.randn(4, 3, 8, 8)
+    model(x)
+    before = gates.cache[stream.id].detach().clone()
+    members, state = gates.members, gates.state()
+    gates.detach()
+    removed = np.zeros(len(index.roots), dtype=bool)
+    removed[np.searchsorted(index.roots, np.asarray(stream.channels)[drop])] = True
+    apply_plan(model, make_plan(graph, index, index.roots[removed]))
+    graph2, index2 = analyze_groups(model, example)
+    carried = carry(state, links(members, make_plan(graph, index, index.roots[removed]), graph2, index2))
+    assert set(carried) == {g.id for g in index2.groups if g.prunable} and len(carried) == 2
+    gates2 = Gates(model, graph2, index2, GateConfig(ratio=2.0), carried=carried)
+    model(x)
+    new_stream = next(g for g, n in gates2.sizes.items() if n == 4)
+    keep = [i for i in range(6) if i not in drop]
+    torch.testing.assert_close(gates2.cache[new_stream], before[keep])
+    gates2.detach()
+
+
 def test_config_and_resolve():
     with pytest.raises(InputError, match="needs a goal"):
         GateConfig()
