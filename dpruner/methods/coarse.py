@@ -172,13 +172,16 @@ def judge(model: nn.Module, batches, variants: list, apply, undo, changed: set[s
     with torch.no_grad(), batch_statistics(model, bn_batch):
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            cache = prefix.record(names, x)[1] if names else {}
+            cache = {}
             for i, variant in enumerate(variants):
                 apply(variant)
                 try:
                     if cache:
                         with prefix.replay(cache):
                             out = model(x).float()
+                    elif names:  # the prefix ends before the changed modules: the same under every variant
+                        out, cache = prefix.record(names, x)
+                        out = out.float()
                     else:
                         out = model(x).float()
                 finally:
