@@ -118,25 +118,6 @@ class batch_statistics:
         return False
 
 
-@torch.no_grad()
-def error_and_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], ctx=None,
-                   device: torch.device | str = "cpu") -> tuple[float, float]:
-    """Top-1 error and mean cross-entropy of `model` (eval mode) on in-memory batches, summed over torchrun ranks
-    (each holds its own share of the evaluation subset), so every rank keeps the same candidate."""
-    wrong, loss, n = 0.0, 0.0, 0.0
-    for x, y in batches:
-        out = model(x.to(device)).float()
-        y = y.to(device)
-        wrong += float((out.argmax(1) != y).sum())
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        n += len(y)
-    if ctx is not None and ctx.enabled:
-        from dpruner.train.distributed import sum_across
-
-        wrong, loss, n = sum_across([wrong, loss, n], ctx, device)
-    return wrong / max(n, 1.0), loss / max(n, 1.0)
-
-
 class Masking:
     """Zero a set of channels (every member of their groups) and put them back: trying a candidate mask."""
 

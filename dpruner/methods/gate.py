@@ -143,16 +143,17 @@ def gate_members(graph, index) -> tuple[dict[int, int], dict[str, list[tuple]]]:
     return sizes, probes
 
 
-def links(members: dict[str, list[tuple]], plan: dict, graph, index) -> dict[int, tuple[int, torch.Tensor]]:
+def links(members: dict[str, list[tuple]], plan: dict, sizes: dict[int, int],
+          probes: dict[str, list[tuple]]) -> dict[int, tuple[int, torch.Tensor]]:
     """Where each gated group of a pruned model came from: new group id -> (old group id, the old channel index of
     each of its channels). `members`: the gates before the removal (`Gates.members`); `plan`: the removal;
-    `graph`/`index`: the pruned model's. A group whose channels cannot be traced to one old group is left out."""
+    `sizes`, `probes`: `gate_members` of the pruned model. A group whose channels cannot be traced to one old group
+    is left out."""
     old_at: dict[tuple[str, str], dict[int, tuple[int, int]]] = {}
     for name, entries in members.items():
         for gid, mine, target, _, role in entries:
             old_at.setdefault((name, role), {}).update(
                 {p: (gid, i) for p, i in zip(mine.tolist(), target.tolist())})
-    sizes, probes = gate_members(graph, index)
     out: dict[int, tuple[int, torch.Tensor]] = {}
     for gid, n in sizes.items():
         entry = next(((name, e) for name, entries in probes.items() for e in entries if e[0] == gid), None)
@@ -251,24 +252,18 @@ def fold(model: nn.Module, graph, index, scores: dict[int, np.ndarray]) -> None:
     beta; producer without a norm: weight rows and bias), so the plain model computes what the gated one did with
     constant scores."""
     with torch.no_grad():
-        for group in index.groups:
-            if group.id not in scores:
-                continue
-            s = torch.as_tensor(scores[group.id], dtype=torch.float64)
-            rank = np.full(len(index.roots), -1, dtype=np.int64)
-            rank[index.roots.searchsorted(group.channels)] = np.arange(len(group.channels))
-            for key in _members(graph, index, group):
-                of_position = rank[index.slot_classes[key]]
-                mine = np.nonzero(of_position >= 0)[0]
-                module = graph.modules[key[0]]
-                factor = s[torch.as_tensor(of_position[mine])]
-                idx = torch.as_tensor(mine)
+        for name, entries in gate_members(graph, index)[1].items():
+            module = graph.modules[name]
+            for gid, mine, target, _, _ in entries:
+                if gid not in scores:
+                    continue
+                factor = torch.as_tensor(scores[gid], dtype=torch.float64)[target]
                 for param in (module.weight, getattr(module, "bias", None)):
                     if param is None:
                         continue
                     shape = [-1] + [1] * (param.dim() - 1)
-                    rows = param.index_select(0, idx)
-                    param.index_copy_(0, idx, (rows.double() * factor.view(shape)).to(param.dtype))
+                    rows = param.index_select(0, mine)
+                    param.index_copy_(0, mine, (rows.double() * factor.view(shape)).to(param.dtype))
 
 
 class GateTraining(Callback):
@@ -347,8 +342,8 @@ def choose(index, means: dict[int, np.ndarray], cost, goal: float | None, which:
 def forced_choice(model: nn.Module, example: torch.Tensor, config: GateConfig, graph, index,
                   means: dict[int, np.ndarray], removed: np.ndarray, goal: float, leaf_modules=()) -> np.ndarray:
     """A gating interval whose goal (the schedule's share of the ratio; the ratio itself in the last interval) the
-    threshold did not meet: every group loses channels up to the width dpruner's planner gives it at the remaining ratio (uniform allocation, as SPP's goals), on top of what the threshold
-    already removed, lowest `forced_keys` first. A global ranking by score alone takes the costliest groups while
+    threshold did not meet: every group loses channels up to the width dpruner's planner gives it at the remaining
+    ratio (uniform allocation, as SPP's goals), on top of what the threshold already removed, lowest `forced_keys` first. A global ranking by score alone takes the costliest groups while
     the scores have not separated: on ResNet-56 at 2x with a 1-epoch budget (mean score still 0.90) it cut the
     residual stream and ended at 48.3% top-1 after fine-tuning, below random pruning (76.7%)."""
     from types import SimpleNamespace
@@ -501,19 +496,26 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             checkpoint()
             continue
         kept_before = copy.deepcopy(model)  # as trained, scores not folded: what a rollback returns to (folded)
+
+        def folded_before() -> nn.Module:
+            """A copy of the network before this removal with its scores folded in (`graph` belongs to `model`,
+            which the removal changes: the copy is analysed again, to the same groups)."""
+            out = copy.deepcopy(kept_before)
+            fold(out, *analyze_groups(out, example, exclude=config.exclude, leaf_modules=env.leaf_modules), means)
+            return out
+
         plan = make_plan(graph, index, index.roots[removed])
         apply_plan(model, plan)
         check_pruned(model, example, expected, leaf_modules=env.leaf_modules)
         new_graph, new_index = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
-        traced = links(gates.members, plan, new_graph, new_index)
-        if set(traced) == set(gate_members(new_graph, new_index)[0]):
+        new_sizes, new_probes = gate_members(new_graph, new_index)
+        traced = links(gates.members, plan, new_sizes, new_probes)
+        if set(traced) == set(new_sizes):
             # every survivor keeps its scorer: the gates stay on, nothing is folded until the gating ends
             saved = carry(saved, traced)
             unfolded = {g: means[old][idx.numpy()] for g, (old, idx) in traced.items()}
         else:  # a group would start over: fold every score in (its scale would be lost otherwise), fresh scorers
-            model = copy.deepcopy(kept_before)
-            fold(model, *analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules),
-                 means)  # (the same groups: the model is the one `graph` was built from, copied)
+            model = folded_before()
             apply_plan(model, plan)
             saved, unfolded = None, None
         # the removed channels' (scaled) outputs are gone from every later layer's input: re-estimate BatchNorm
@@ -531,9 +533,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         if floor is not None:
             entry["val_accuracy"] = accuracy
             if accuracy < floor:  # this step went past the tolerance: keep the model before it and stop
-                model = kept_before
-                fold(model, *analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules),
-                     means)
+                model = folded_before()
                 history.append({**entry, "action": "rolled back"})
                 stop = "tolerance"
                 saved, unfolded = None, None

@@ -162,7 +162,7 @@ def test_progressive_schedule_spreads_the_ratio_geometrically():
 def test_carried_scorers_keep_each_survivors_learned_score_after_a_removal():
     """After channels go, each surviving channel's scorer output (its last-layer row and bias) and input column
     follow it to its new position; with zero input weights on the removed channels the scores are identical."""
-    from dpruner.methods.gate import carry, links
+    from dpruner.methods.gate import carry, gate_members, links
     from dpruner.surgery.plan import apply_plan, make_plan
 
     model = _model()
@@ -186,7 +186,8 @@ def test_carried_scorers_keep_each_survivors_learned_score_after_a_removal():
     removed[np.searchsorted(index.roots, np.asarray(stream.channels)[drop])] = True
     apply_plan(model, make_plan(graph, index, index.roots[removed]))
     graph2, index2 = analyze_groups(model, example)
-    carried = carry(state, links(members, make_plan(graph, index, index.roots[removed]), graph2, index2))
+    carried = carry(state, links(members, make_plan(graph, index, index.roots[removed]),
+                                 *gate_members(graph2, index2)))
     assert set(carried) == {g.id for g in index2.groups if g.prunable} and len(carried) == 2
     gates2 = Gates(model, graph2, index2, GateConfig(ratio=2.0), carried=carried)
     model(x)
