@@ -36,7 +36,7 @@ CHECKPOINT = "resnet56-4bfd9763.th"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # row -> how it prunes: ("dense",), ("dpruner", prune kwargs), ("tolerance", criterion), ("tp", importance),
 # ("modelopt", channel divisor), ("spp" / "gate", the method's config: learned while fine-tuning within the same
-# budget; gate removes every 0.2 epochs so the 1-epoch budget holds four gating intervals)
+# budget; gate removes every fifth of the budget, so it holds four gating intervals)
 ROWS = {
     "dense": ("dense", None),
     "random": ("dpruner", {"method": "random"}),
@@ -65,6 +65,10 @@ ROWS = {
     # its baseline: one random kernel mask per layer (no choice), same sparsity and retrain
     "random kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 1, "eval_batches": 8}),
     "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),  # progressive schedule: removals at 0.2, 0.4, 0.6 epochs
+    # channels ranked by their interval mean score (the default before --gate-rank logit)
+    "gate score-rank": ("gate", {"ratio": 2.0, "prune_every": 0.2, "rank": "score"}),
+    # a gating phase that ends early: removals at 0.1, 0.2, 0.3, 0.4 of the budget, 0.6 of it left to recover
+    "gate early": ("gate", {"ratio": 2.0, "prune_every": 0.1, "final_fraction": 0.6}),
     # the whole ratio forced in the last interval (the default before the progressive schedule)
     "gate last": ("gate", {"ratio": 2.0, "prune_every": 0.2, "schedule": "last"}),
     # diagnosis: no sparsity or binarisation pull (the gates only follow the task loss): what the gating costs
@@ -225,6 +229,8 @@ def run_row(row: str, seed: int, args) -> dict:
         from dpruner.methods.gate import GateConfig
         from dpruner.methods.run import run
 
+        # prune_every is a share of the budget (0.2: every fifth of it), so a longer budget keeps the schedule's shape
+        spec_row = {**spec_row, "prune_every": spec_row["prune_every"] * args.budget_epochs}
         result = run("gate", original, example, GateConfig(seed=seed, **spec_row), data=data, train=config)
         model = result.model
         extra = {"gate": result.details["gate"], "target_met": result.target_met,

@@ -47,9 +47,10 @@ def prune(
     eval_batches: Annotated[int, typer.Option("--eval-batches", help="--method coarse: validation batches the candidate masks are judged on (decoded once, kept in memory).")] = 8,
     gate_sparsity: Annotated[float, typer.Option("--gate-sparsity", help="--method gate: weight of each group's mean score in the loss (pushes scores down).")] = 2.0,
     gate_binary: Annotated[float, typer.Option("--gate-binary", help="--method gate: weight of each group's mean s(1-s) in the loss (pushes scores to 0 or 1).")] = 0.1,
-    gate_threshold: Annotated[float, typer.Option("--gate-threshold", help="--method gate: channels whose mean score over an interval is below this are removed.")] = 0.1,
+    gate_threshold: Annotated[float, typer.Option("--gate-threshold", help="--method gate: channels whose interval score (as --gate-rank ranks them) is below this are removed.")] = 0.1,
     gate_every: Annotated[float, typer.Option("--gate-every", help="--method gate: epochs between removals (fractions allowed).")] = 1.0,
     gate_schedule: Annotated[str, typer.Option("--gate-schedule", help="--method gate with --ratio: progressive (interval i of n removes at least up to ratio^(i/n), so the network recovers between removals) or last (only the last interval forces the ratio; earlier ones remove what the threshold says).")] = "progressive",
+    gate_rank: Annotated[str, typer.Option("--gate-rank", help="--method gate: how an interval's scores rank channels: logit (sigmoid of the mean logit; unbiased by how much a score fluctuates between batches) or score (the mean score).")] = "logit",
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
     label_smoothing: t.LabelSmoothingOpt = 0.1,
@@ -166,7 +167,7 @@ def prune(
                             tolerance=parse_tolerance(tolerance) if tolerance is not None else None, target=target,
                             exclude=tuple(exclude or ()), max_fraction=max_fraction, seed=seed,
                             sparsity_weight=gate_sparsity, binary_weight=gate_binary, threshold=gate_threshold,
-                            prune_every=gate_every, schedule=gate_schedule)
+                            prune_every=gate_every, schedule=gate_schedule, rank=gate_rank)
     elif tolerance is not None:
         from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance
 

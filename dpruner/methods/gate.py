@@ -63,6 +63,7 @@ class GateConfig:
     scorer_lr: float = 0.5
     initial_score: float = 0.95
     schedule: str = "progressive"
+    rank: str = "logit"
 
     def __post_init__(self):
         from dpruner import validate
@@ -78,11 +79,20 @@ class GateConfig:
         validate.number(self.final_fraction, "final_fraction", low=0, high=1, high_open=True)
         if self.schedule not in SCHEDULES:
             raise InputError(f"--gate-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        if self.rank not in RANKS:
+            raise InputError(f"--gate-rank must be one of {', '.join(RANKS)}, got {self.rank!r}.")
 
 
 # progressive: interval i of n meets at least ratio^(i/n) (removals spread over the gating phase, the network
 # recovers between them); last: only the last interval forces the ratio (earlier ones remove what the threshold says)
 SCHEDULES = ("progressive", "last")
+
+
+# how an interval's per-step scores become one ranking score per channel. logit: sigmoid of the mean logit; score:
+# the mean score. The scores vary per batch (the scorers read the batch's features) and the sigmoid is concave near
+# the initial 0.95, so the mean score is lowest for the channels whose logits fluctuate most (Jensen), whatever their
+# level; the mean logit ranks by level. Folding always uses the mean score (the constant that best replaces the gate).
+RANKS = ("logit", "score")
 
 
 def interval_goal(before: float, goal: float, step: int, steps: int, schedule: str) -> float | None:
@@ -273,6 +283,7 @@ class GateTraining(Callback):
     def __init__(self, gates: Gates, config: GateConfig):
         self.gates, self.config = gates, config
         self.sums = {g: torch.zeros(n, dtype=torch.float64) for g, n in gates.sizes.items()}
+        self.logits = {g: torch.zeros(n, dtype=torch.float64) for g, n in gates.sizes.items()}
         self.count = 0
 
     def param_groups(self, model: nn.Module, groups: list[dict]) -> list[dict]:
@@ -288,27 +299,34 @@ class GateTraining(Callback):
         if not self.gates.cache:
             return None
         for gid, s in self.gates.cache.items():
-            self.sums[gid] += s.detach().double().cpu()
+            s = s.detach().double().cpu()
+            self.sums[gid] += s
+            self.logits[gid] += torch.logit(s.clamp(1e-9, 1 - 1e-9))
         self.count += 1
         terms = [self.config.sparsity_weight * s.mean() + self.config.binary_weight * (s * (1 - s)).mean()
                  for _, s in sorted(self.gates.cache.items())]
         return torch.stack(terms).sum()  # per group: a group's weight does not grow with its width
 
-    def means(self, ctx, device) -> dict[int, np.ndarray]:
-        """Mean score of every channel over the steps seen (the same on every rank)."""
+    def means(self, ctx, device) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """Per channel, over the steps seen (the same on every rank): the mean score (what folding multiplies by)
+        and the ranking score (`GateConfig.rank`: the sigmoid of the mean logit, or the mean score)."""
         if ctx.enabled:
             import torch.distributed as dist
 
-            for gid in sorted(self.sums):
-                t = self.sums[gid].to(device)
-                dist.all_reduce(t)
-                self.sums[gid] = t.cpu()
+            for sums in (self.sums, self.logits):
+                for gid in sorted(sums):
+                    t = sums[gid].to(device)
+                    dist.all_reduce(t)
+                    sums[gid] = t.cpu()
             from dpruner.train.distributed import sum_across
 
-            count = sum_across([float(self.count)], ctx, device)[0]
+            count = max(sum_across([float(self.count)], ctx, device)[0], 1.0)
         else:
-            count = float(self.count)
-        return {g: (v / max(count, 1.0)).numpy() for g, v in self.sums.items()}
+            count = max(float(self.count), 1.0)
+        scale = {g: (v / count).numpy() for g, v in self.sums.items()}
+        if self.config.rank == "score":
+            return scale, scale
+        return scale, {g: torch.sigmoid(v / count).numpy() for g, v in self.logits.items()}
 
 
 def choose(index, means: dict[int, np.ndarray], cost, goal: float | None, which: int, threshold: float | None,
@@ -475,16 +493,16 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
                      callbacks=[training])
         used += result.epochs
         position += result.steps
-        means = training.means(ctx, device)
+        means, ranks = training.means(ctx, device)
         saved = gates.state()
         gates.detach()
         model.cpu().eval()
         macs = count_macs(model, example)
         cost = build_cost_model(model, graph, index, macs.by_module, macs.total)
-        removed = choose(index, means, cost, goal, which, config.threshold, config.max_fraction)
+        removed = choose(index, ranks, cost, goal, which, config.threshold, config.max_fraction)
         extra = 0
         if due is not None:  # the schedule's share not met by the threshold: planner's widths, lowest score x L1
-            everything = forced_choice(model, example, config, graph, index, means, removed, due,
+            everything = forced_choice(model, example, config, graph, index, ranks, removed, due,
                                        env.leaf_modules)
             extra = int(everything.sum() - removed.sum())
             removed = everything

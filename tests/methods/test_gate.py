@@ -159,6 +159,31 @@ def test_progressive_schedule_spreads_the_ratio_geometrically():
         GateConfig(ratio=2.0, schedule="sometimes")
 
 
+def test_interval_ranking_uses_the_mean_logit_so_fluctuating_scores_are_not_ranked_low():
+    """Channel 0 scores 0.9 every step (logit 2.20); channel 1 alternates 0.99 and 0.6 (logits 4.60 and 0.41, mean
+    2.50: a higher level than channel 0), yet its mean score 0.795 is lower. The mean logit ranks channel 1 above
+    channel 0, the mean score below; folding multiplies by the mean score either way."""
+    from types import SimpleNamespace
+
+    from dpruner.methods.gate import GateTraining
+
+    level = torch.sigmoid((torch.logit(torch.tensor(0.99, dtype=torch.float64))
+                           + torch.logit(torch.tensor(0.6, dtype=torch.float64))) / 2).item()
+    assert level == pytest.approx(0.924, abs=1e-3)
+    for rank, expected, order in (("logit", [0.9, level, 0.2], [2, 0, 1]), ("score", [0.9, 0.795, 0.2], [2, 1, 0])):
+        gates = SimpleNamespace(sizes={7: 3}, cache={})
+        training = GateTraining(gates, GateConfig(ratio=2.0, rank=rank))
+        for s in (torch.tensor([0.9, 0.99, 0.2]), torch.tensor([0.9, 0.6, 0.2])):
+            gates.cache = {7: s.clone().requires_grad_()}
+            assert training.loss(None, 0).requires_grad  # the sparsity and binarisation terms
+        scale, ranks = training.means(SimpleNamespace(enabled=False), "cpu")
+        np.testing.assert_allclose(scale[7], [0.9, 0.795, 0.2], rtol=1e-6)
+        np.testing.assert_allclose(ranks[7], expected, rtol=1e-6)
+        assert np.argsort(ranks[7]).tolist() == order
+    with pytest.raises(InputError, match="--gate-rank"):
+        GateConfig(ratio=2.0, rank="median")
+
+
 def test_carried_scorers_keep_each_survivors_learned_score_after_a_removal():
     """After channels go, each surviving channel's scorer output (its last-layer row and bias) and input column
     follow it to its new position; with zero input weights on the removed channels the scores are identical."""
