@@ -361,7 +361,8 @@ def forced_choice(model: nn.Module, example: torch.Tensor, config: GateConfig, g
                   means: dict[int, np.ndarray], removed: np.ndarray, goal: float, leaf_modules=()) -> np.ndarray:
     """A gating interval whose goal (the schedule's share of the ratio; the ratio itself in the last interval) the
     threshold did not meet: every group loses channels up to the width dpruner's planner gives it at the remaining
-    ratio (uniform allocation, as SPP's goals), on top of what the threshold already removed, lowest `forced_keys` first. A global ranking by score alone takes the costliest groups while
+    ratio (uniform allocation, as SPP's goals), the threshold's choices first (they count toward the width), then
+    lowest `forced_keys`. A global ranking by score alone takes the costliest groups while
     the scores have not separated: on ResNet-56 at 2x with a 1-epoch budget (mean score still 0.90) it cut the
     residual stream and ended at 48.3% top-1 after fine-tuning, below random pruning (76.7%)."""
     from types import SimpleNamespace
@@ -376,7 +377,12 @@ def forced_choice(model: nn.Module, example: torch.Tensor, config: GateConfig, g
     planner = SimpleNamespace(ratio=now / goal, target=config.target, criterion="l1", allocation="uniform",
                               exclude=config.exclude, round_to=1, max_fraction=config.max_fraction, seed=config.seed)
     goals, _ = plan_goals(model, example, planner, index, leaf_modules)
-    return removed | lowest(index, forced_keys(model, graph, index, means, config.seed), goals)
+    keys = forced_keys(model, graph, index, means, config.seed)
+    for group in index.groups:  # the threshold's choices count toward the group's width: they go first
+        if group.id in keys:
+            taken = removed[np.searchsorted(index.roots, np.asarray(group.channels))]
+            keys[group.id] = np.where(taken, -np.inf, keys[group.id])
+    return removed | lowest(index, keys, goals)
 
 
 def forced_keys(model: nn.Module, graph, index, means: dict[int, np.ndarray], seed: int = 0) -> dict:

@@ -132,6 +132,16 @@ def test_forced_removal_follows_the_planner_widths_not_a_global_score_ranking():
     assert count_sizes(model, example)["macs"] <= goal * 1.05
     already = forced_choice(_model(), example, GateConfig(ratio=1.5), graph, index, means, flags, before * 10)
     assert (already == flags).all()  # goal already met: nothing more
+    # a channel the threshold already removed (here the highest-keyed of a group) counts toward its group's
+    # planned width: the forced removal takes it first and removes no more channels in total than without it
+    g = groups[0]
+    top = np.searchsorted(index.roots, np.asarray(g.channels)[np.argmax(keys[g.id])])
+    threshold = np.zeros(len(index.roots), bool)
+    threshold[top] = True
+    fresh = _model()
+    with_threshold = forced_choice(fresh, example, GateConfig(ratio=1.5), *analyze_groups(fresh, example), means,
+                                   threshold, goal)
+    assert with_threshold[top] and with_threshold.sum() == flags.sum()
 
 
 def test_forced_keys_follow_the_weights_until_the_scores_separate():
