@@ -452,6 +452,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
     used, position, forced, reached, stop = 0.0, 0, 0, False, None
     saved: dict[int, dict] | None = None  # the scorers to continue (group id -> weights; `carry` after a removal)
     unfolded: dict[int, np.ndarray] | None = None  # last interval's scores, trained with but not yet folded
+    analysed = None  # (graph, index) of the model as it is, when the last removal already analysed it
     if env.resume is not None:
         progress = check_state(env.resume, "gate", settings,
                                {"used": float, "position": int, "history": list, "forced": int, "reached": bool},
@@ -487,7 +488,9 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         due = None if goal is None else \
             goal if final else interval_goal(before[config.target], goal, len(history) + 1, intervals, config.schedule)
         model.cpu().eval()
-        graph, index = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
+        if analysed is None:
+            analysed = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
+        (graph, index), analysed = analysed, None
         gates = Gates(model, graph, index, config, seed=config.seed * 1_000_003 + len(history), carried=saved)
         if not gates.sizes:
             gates.detach()
@@ -538,6 +541,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             # every survivor keeps its scorer: the gates stay on, nothing is folded until the gating ends
             saved = carry(saved, traced)
             unfolded = {g: means[old][idx.numpy()] for g, (old, idx) in traced.items()}
+            analysed = (new_graph, new_index)
         else:  # a group would start over: fold every score in (its scale would be lost otherwise), fresh scorers
             model = folded_before()
             apply_plan(model, plan)
@@ -558,6 +562,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             entry["val_accuracy"] = accuracy
             if accuracy < floor:  # this step went past the tolerance: keep the model before it and stop
                 model = folded_before()
+                analysed = None
                 history.append({**entry, "action": "rolled back"})
                 stop = "tolerance"
                 saved, unfolded = None, None
