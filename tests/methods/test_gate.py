@@ -132,16 +132,25 @@ def test_forced_removal_follows_the_planner_widths_not_a_global_score_ranking():
     assert count_sizes(model, example)["macs"] <= goal * 1.05
     already = forced_choice(_model(), example, GateConfig(ratio=1.5), graph, index, means, flags, before * 10)
     assert (already == flags).all()  # goal already met: nothing more
-    # a channel the threshold already removed (here the highest-keyed of a group) counts toward its group's
-    # planned width: the forced removal takes it first and removes no more channels in total than without it
-    g = groups[0]
-    top = np.searchsorted(index.roots, np.asarray(g.channels)[np.argmax(keys[g.id])])
+    # channels the threshold already removed (here the two highest-keyed of the stream group) count toward the
+    # widths: they go first, and with the cost model the other groups give fewer channels than without them
+    from dpruner.methods.cost import build_cost_model
+
+    fresh = _model()
+    graph, index = analyze_groups(fresh, example)
+    stream = next(g for g in index.groups if g.prunable and len(g.channels) == 6)
+    top = np.searchsorted(index.roots, np.asarray(stream.channels)[np.argsort(keys[stream.id])[-2:]])
     threshold = np.zeros(len(index.roots), bool)
     threshold[top] = True
-    fresh = _model()
-    with_threshold = forced_choice(fresh, example, GateConfig(ratio=1.5), *analyze_groups(fresh, example), means,
-                                   threshold, goal)
-    assert with_threshold[top] and with_threshold.sum() == flags.sum()
+    macs = count_macs(fresh, example)
+    cost = build_cost_model(fresh, graph, index, macs.by_module, macs.total)
+    plain = forced_choice(fresh, example, GateConfig(ratio=1.5), graph, index, means, threshold, goal)
+    fitted = forced_choice(fresh, example, GateConfig(ratio=1.5), graph, index, means, threshold, goal, cost=cost)
+    assert plain[top].all() and fitted[top].all()
+    assert cost.estimate(fitted)[0] <= goal * (1 + 1e-9)
+    others = np.ones(len(index.roots), bool)
+    others[np.searchsorted(index.roots, np.asarray(stream.channels))] = False
+    assert fitted[others].sum() < plain[others].sum()
 
 
 def test_forced_keys_follow_the_weights_until_the_scores_separate():
