@@ -2,7 +2,10 @@
 resnet18, resnet50, mobilenet_v2 (224x224) and the CIFAR ResNet-56 (32x32) pruned to 2x MACs, with the ratio
 speedup / MACs reduction (1.0 = the latency gain is everything the MACs promised).
 
-    .venv/bin/python bench/latency.py [--threads 2] [--round-to 1 8] [--models resnet18 ...]
+    .venv/bin/python bench/latency.py [--threads 2] [--round-to 1 8] [--models resnet18 ...] [--int8]
+
+--int8 adds the runtime "ort-int8": both ONNX files quantized by dpruner's INT8 export step (ONNX Runtime static
+QDQ, per-channel int8 weights; calibrated on 4 random batches, since values do not change the kernels' speed).
 
 Weights are random (latency does not depend on their values; nothing is downloaded). Each configuration prunes with
 dpruner's defaults (L2, uniform allocation) plus the given --round-to, exports both models with dpruner's exporter and
@@ -33,6 +36,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--round-to", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--int8", action="store_true", help="also time INT8 (QDQ) versions in ONNX Runtime")
+    parser.add_argument("--runtimes", nargs="*", default=["onnxruntime", "torch"],
+                        choices=["onnxruntime", "torch"], help="float runtimes to time")
     args = parser.parse_args()
     import onnxruntime
 
@@ -54,14 +60,22 @@ def main() -> None:
                 for label, model in (("before", original), ("after", pruned)):
                     paths[label] = Path(tmp) / f"{label}.onnx"
                     export_onnx(model, shape, paths[label])
-                for runtime in ("onnxruntime", "torch"):
+                    if args.int8:
+                        from dpruner.export.int8 import quantize_onnx
+
+                        gen = torch.Generator().manual_seed(1)
+                        calib = [torch.randn(8, *shape[1:], generator=gen).numpy() for _ in range(4)]
+                        paths[f"{label}-int8"] = Path(tmp) / f"{label}-int8.onnx"
+                        quantize_onnx(paths[label], paths[f"{label}-int8"], calib)
+                for runtime in [*args.runtimes, *(["ort-int8"] if args.int8 else [])]:
                     for batch in args.batches:
                         if runtime == "torch":
                             before = torch_latency(original, shape, batch, args.threads)
                             after = torch_latency(pruned, shape, batch, args.threads)
                         else:
-                            before = ort_latency(paths["before"], shape, batch, args.threads)
-                            after = ort_latency(paths["after"], shape, batch, args.threads)
+                            suffix = "-int8" if runtime == "ort-int8" else ""
+                            before = ort_latency(paths["before" + suffix], shape, batch, args.threads)
+                            after = ort_latency(paths["after" + suffix], shape, batch, args.threads)
                         speedup = before.median_ms / after.median_ms
                         print(f"{name:<13} {round_to:>5} {macs_ratio:>7.2f} {runtime:<12} {batch:>5} "
                               f"{before.median_ms:>10.2f} {after.median_ms:>9.2f} {speedup:>8.2f} "
