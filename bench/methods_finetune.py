@@ -67,9 +67,15 @@ ROWS = {
     "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),  # progressive schedule: removals at 0.2, 0.4, 0.6 epochs
     # channels ranked by their interval mean score (the default before --gate-rank logit)
     "gate score-rank": ("gate", {"ratio": 2.0, "prune_every": 0.2, "rank": "score"}),
+    # the sparsity term pulls each group's mean score to the share of channels the goal keeps (not toward 0), so
+    # the scores cannot all fall together; 20: the quadratic term is weak near the target
+    "gate target pull": ("gate", {"ratio": 2.0, "prune_every": 0.2, "pull": "target", "sparsity_weight": 20.0}),
     # a gating phase that ends early: removals at 0.1, 0.2, 0.3, 0.4 of the budget, 0.6 of it left to recover
     "gate early": ("gate", {"ratio": 2.0, "prune_every": 0.1, "final_fraction": 0.6}),
     # the whole ratio forced in the last interval (the default before the progressive schedule)
+    # both: the target pull in a gating phase that ends early
+    "gate early target": ("gate", {"ratio": 2.0, "prune_every": 0.1, "final_fraction": 0.6, "pull": "target",
+                                   "sparsity_weight": 20.0}),
     "gate last": ("gate", {"ratio": 2.0, "prune_every": 0.2, "schedule": "last"}),
     # diagnosis: no sparsity or binarisation pull (the gates only follow the task loss): what the gating costs
     "gate no pull": ("gate", {"ratio": 2.0, "prune_every": 0.2, "sparsity_weight": 0.0, "binary_weight": 0.0}),

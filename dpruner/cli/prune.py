@@ -50,6 +50,8 @@ def prune(
     gate_threshold: Annotated[float, typer.Option("--gate-threshold", help="--method gate: channels whose interval score (as --gate-rank ranks them) is below this are removed.")] = 0.1,
     gate_every: Annotated[float, typer.Option("--gate-every", help="--method gate: epochs between removals (fractions allowed).")] = 1.0,
     gate_schedule: Annotated[str, typer.Option("--gate-schedule", help="--method gate with --ratio: progressive (interval i of n removes at least up to ratio^(i/n), so the network recovers between removals) or last (only the last interval forces the ratio; earlier ones remove what the threshold says).")] = "progressive",
+    gate_final: Annotated[float, typer.Option("--gate-final", help="--method gate: share of --budget-epochs kept for the final fine-tune without scorers (the gating phase gets the rest). With a short budget a larger share recovers more: ResNet-56, 1 epoch: 0.6 with --gate-every 0.1 gave 78.6% vs 76.9% at the defaults.")] = 0.2,
+    gate_pull: Annotated[str, typer.Option("--gate-pull", help="--method gate: the sparsity term. target (with --ratio): each group's mean score is pulled to the share of channels the goal keeps, so the scores cannot all fall together; zero: every score is pulled toward 0 (also what target does without --ratio).")] = "zero",
     gate_rank: Annotated[str, typer.Option("--gate-rank", help="--method gate: how an interval's scores rank channels: logit (sigmoid of the mean logit; unbiased by how much a score fluctuates between batches) or score (the mean score).")] = "logit",
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
@@ -167,7 +169,8 @@ def prune(
                             tolerance=parse_tolerance(tolerance) if tolerance is not None else None, target=target,
                             exclude=tuple(exclude or ()), max_fraction=max_fraction, seed=seed,
                             sparsity_weight=gate_sparsity, binary_weight=gate_binary, threshold=gate_threshold,
-                            prune_every=gate_every, schedule=gate_schedule, rank=gate_rank)
+                            prune_every=gate_every, schedule=gate_schedule, rank=gate_rank, pull=gate_pull,
+                            final_fraction=gate_final)
     elif tolerance is not None:
         from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance
 

@@ -203,6 +203,38 @@ def test_interval_ranking_uses_the_mean_logit_so_fluctuating_scores_are_not_rank
         GateConfig(ratio=2.0, rank="median")
 
 
+def test_target_pull_holds_each_groups_mean_score_at_the_share_the_goal_keeps():
+    """pull=target: the sparsity term is (mean(s) - keep)^2 per group, zero when the mean sits at the planned keep
+    share; pull=zero (and no keep shares, i.e. no ratio) is mean(s). keep_shares gives each gated group the share
+    of its channels dpruner's plan at the ratio keeps."""
+    from types import SimpleNamespace
+
+    from dpruner.methods.gate import GateTraining, gate_members, keep_shares, planned_losses
+    from dpruner.metrics.macs import count_sizes
+
+    s = torch.tensor([0.9, 0.5, 0.1, 0.5])  # mean 0.5
+    for pull, keep, expected in (("target", {7: 0.5}, 0.0), ("target", {7: 0.75}, 0.0625), ("zero", {7: 0.5}, 0.5),
+                                 ("target", None, 0.5)):
+        config = GateConfig(ratio=2.0, pull=pull, binary_weight=0.0, sparsity_weight=1.0)
+        training = GateTraining(SimpleNamespace(sizes={7: 4}, cache={7: s}), config, keep)
+        assert training.loss(None, 0).item() == pytest.approx(expected)
+
+    model = _model()
+    example = torch.randn(1, 3, 8, 8)
+    graph, index = analyze_groups(model, example)
+    sizes = gate_members(graph, index)[0]
+    config = GateConfig(ratio=2.0)
+    goal = count_sizes(model, example)["macs"] / 2
+    keep = keep_shares(model, example, config, index, sizes, goal)
+    losses = planned_losses(model, example, config, index, 2.0)
+    assert set(keep) == set(sizes) and any(v < 1 for v in keep.values())
+    assert all(keep[g] == pytest.approx(1 - losses.get(g, 0) / n) for g, n in sizes.items())
+    assert keep_shares(model, example, GateConfig(ratio=2.0, pull="zero"), index, sizes, goal) is None
+    assert keep_shares(model, example, config, index, sizes, None) is None  # tolerance only: no goal to keep
+    with pytest.raises(InputError, match="--gate-pull"):
+        GateConfig(ratio=2.0, pull="sideways")
+
+
 def test_carried_scorers_keep_each_survivors_learned_score_after_a_removal():
     """After channels go, each surviving channel's scorer output (its last-layer row and bias) and input column
     follow it to its new position; with zero input weights on the removed channels the scores are identical."""
