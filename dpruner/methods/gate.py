@@ -8,10 +8,11 @@ channel while the network fine-tunes, and the channels it keeps rating low are r
   the norm, before the activation: a gate before the norm would be normalised away). Groups without a norm layer
   gate the producing layer's output. The scorer's input is detached: it reads the network, it does not train it.
 - loss = task loss + sum over groups of [sparsity_weight * mean(s) + binary_weight * mean(s (1 - s))] (the second
-  pushes scores to 0 or 1); `pull` "target" replaces mean(s) by (mean(s) - keep)^2 (see PULLS). The scorers train with their own learning rate (`scorer_lr`, no weight decay). Defaults
-  (2.0, 0.1, 0.5) were picked on the digits sample model so that scores separate within a few epochs: with equal
-  weights the binarisation term holds scores starting near 1 where they are, and nothing is removed.
-- every `prune_every` epochs the channels whose mean score over those epochs is below `threshold` go (lowest first,
+  pushes scores to 0 or 1); `pull` "target" replaces mean(s) by (mean(s) - keep)^2 (see PULLS). The scorers
+  train with their own learning rate (`scorer_lr`, no weight decay). Defaults (2.0, 0.1, 0.5) were picked on the
+  digits sample model so that scores separate within a few epochs: with equal weights the binarisation term holds
+  scores starting near 1 where they are, and nothing is removed.
+- every `prune_every` epochs the channels whose interval score (`rank`: RANKS) is below `threshold` go (lowest first,
   never past the goal, nor past --max-fraction of a group's current width in one removal). When the gating ends,
   the surviving channels' mean scores over the last interval are folded into the norm layer (gamma *= s,
   beta *= s) or the producer's weights and bias: exact, since the gate is linear after them.
