@@ -36,7 +36,7 @@ CHECKPOINT = "resnet56-4bfd9763.th"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # row -> how it prunes: ("dense",), ("dpruner", prune kwargs), ("tolerance", criterion), ("tp", importance),
 # ("modelopt", channel divisor), ("spp" / "gate", the method's config: learned while fine-tuning within the same
-# budget; gate removes every fifth of the budget, so it holds four gating intervals)
+# budget)
 ROWS = {
     "dense": ("dense", None),
     "random": ("dpruner", {"method": "random"}),
@@ -64,25 +64,30 @@ ROWS = {
                                      "bn_statistics": "running"}),
     # its baseline: one random kernel mask per layer (no choice), same sparsity and retrain
     "random kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 1, "eval_batches": 8}),
-    "gate": ("gate", {"ratio": 2.0, "prune_every": 0.2}),  # progressive schedule: removals at 0.2, 0.4, 0.6 epochs
+    # today's defaults: a removal every tenth of the budget in a gating phase of 40% of it (four removals), the
+    # final 60% fine-tunes the plain model; zero pull, logit ranking, progressive schedule
+    "gate": ("gate", {"ratio": 2.0}),
+    # the rows below ran with the gating phase the default before --gate-final 0.6 (80% of the budget, a removal
+    # every fifth of it); each names what it varies
+    "gate late": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2}),
     # channels ranked by their interval mean score (the default before --gate-rank logit)
-    "gate score-rank": ("gate", {"ratio": 2.0, "prune_every": 0.2, "rank": "score"}),
+    "gate score-rank": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "rank": "score"}),
     # the sparsity term pulls each group's mean score to the share of channels the goal keeps (not toward 0), so
     # the scores cannot all fall together; 20: the quadratic term is weak near the target
-    "gate target pull": ("gate", {"ratio": 2.0, "prune_every": 0.2, "pull": "target", "sparsity_weight": 20.0}),
-    # a gating phase that ends early: removals at 0.1, 0.2, 0.3, 0.4 of the budget, 0.6 of it left to recover
-    "gate early": ("gate", {"ratio": 2.0, "prune_every": 0.1, "final_fraction": 0.6}),
+    "gate target pull": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "pull": "target",
+                                  "sparsity_weight": 20.0}),
+    # the target pull with today's schedule
+    "gate early target": ("gate", {"ratio": 2.0, "pull": "target", "sparsity_weight": 20.0}),
     # the whole ratio forced in the last interval (the default before the progressive schedule)
-    # both: the target pull in a gating phase that ends early
-    "gate early target": ("gate", {"ratio": 2.0, "prune_every": 0.1, "final_fraction": 0.6, "pull": "target",
-                                   "sparsity_weight": 20.0}),
-    "gate last": ("gate", {"ratio": 2.0, "prune_every": 0.2, "schedule": "last"}),
+    "gate last": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "schedule": "last"}),
     # diagnosis: no sparsity or binarisation pull (the gates only follow the task loss): what the gating costs
-    "gate no pull": ("gate", {"ratio": 2.0, "prune_every": 0.2, "sparsity_weight": 0.0, "binary_weight": 0.0}),
-    "gate tolerance 1%": ("gate", {"tolerance": 0.01, "prune_every": 0.2}),
+    "gate no pull": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "sparsity_weight": 0.0,
+                              "binary_weight": 0.0}),
+    "gate tolerance 1%": ("gate", {"tolerance": 0.01, "prune_every": 0.2, "final_fraction": 0.2}),
     # ten times the default sparsity pull: the default (2.0, tuned on digits) barely moves ResNet-56's scores in
     # the 47 gating steps of this budget (mean score 0.95 -> 0.90), so the last interval forces the removal
-    "gate sparsity 20": ("gate", {"ratio": 2.0, "prune_every": 0.2, "sparsity_weight": 20.0, "schedule": "last"}),
+    "gate sparsity 20": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "sparsity_weight": 20.0,
+                                  "schedule": "last"}),
     "tolerance 1% l1": ("tolerance", "l1"),
     "tolerance 1% taylor": ("tolerance", "taylor"),
 }
@@ -236,7 +241,9 @@ def run_row(row: str, seed: int, args) -> dict:
         from dpruner.methods.run import run
 
         # prune_every is a share of the budget (0.2: every fifth of it), so a longer budget keeps the schedule's shape
-        spec_row = {**spec_row, "prune_every": spec_row["prune_every"] * args.budget_epochs}
+        # (without it, the method's default: a tenth of the budget)
+        if "prune_every" in spec_row:
+            spec_row = {**spec_row, "prune_every": spec_row["prune_every"] * args.budget_epochs}
         result = run("gate", original, example, GateConfig(seed=seed, **spec_row), data=data, train=config)
         model = result.model
         extra = {"gate": result.details["gate"], "target_met": result.target_met,

@@ -58,8 +58,8 @@ class GateConfig:
     sparsity_weight: float = 2.0
     binary_weight: float = 0.1
     threshold: float = 0.1
-    prune_every: float = 1.0
-    final_fraction: float = 0.2
+    prune_every: float | None = None  # None: a tenth of the budget
+    final_fraction: float = 0.6
     hidden_divisor: int = 8
     scorer_lr: float = 0.5
     initial_score: float = 0.95
@@ -77,7 +77,8 @@ class GateConfig:
         validate.number(self.sparsity_weight, "--gate-sparsity", low=0, high=1e3)
         validate.number(self.binary_weight, "--gate-binary", low=0, high=1e3)
         validate.number(self.threshold, "--gate-threshold", low=0, low_open=True, high=1, high_open=True)
-        validate.number(self.prune_every, "--gate-every", low=0, low_open=True, high=validate.MAX_EPOCHS)
+        if self.prune_every is not None:
+            validate.number(self.prune_every, "--gate-every", low=0, low_open=True, high=validate.MAX_EPOCHS)
         validate.number(self.final_fraction, "--gate-final", low=0, high=1, high_open=True)
         if self.schedule not in SCHEDULES:
             raise InputError(f"--gate-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
@@ -511,7 +512,8 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         from dpruner.data.spec import DataError
 
         raise DataError("The training split is empty (a loader with drop_last and fewer items than a batch?).")
-    interval = max(1, round(min(config.prune_every, gate_budget) * batches)) / batches  # what fit really trains
+    every = config.prune_every if config.prune_every is not None else budget / 10
+    interval = max(1, round(min(every, gate_budget) * batches)) / batches  # what fit really trains
     intervals = max(1, math.floor((gate_budget + 1e-9) / interval))  # gating intervals the budget holds
     plans: list[dict] = []
     history: list[dict] = []
@@ -662,5 +664,5 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         requested={"ratio": config.ratio, "tolerance": config.tolerance}, history=history, epochs_used=used,
         details={"gate": {"sparsity_weight": config.sparsity_weight, "binary_weight": config.binary_weight,
                           "pull": config.pull, "rank": config.rank, "schedule": config.schedule,
-                          "threshold": config.threshold, "prune_every": config.prune_every,
+                          "threshold": config.threshold, "prune_every": every,
                           "forced_channels": forced, "stopped_by": stop}})

@@ -223,7 +223,7 @@ def test_target_pull_holds_each_groups_mean_score_at_the_share_the_goal_keeps():
     example = torch.randn(1, 3, 8, 8)
     graph, index = analyze_groups(model, example)
     sizes = gate_members(graph, index)[0]
-    config = GateConfig(ratio=2.0)
+    config = GateConfig(ratio=2.0, pull="target")
     goal = count_sizes(model, example)["macs"] / 2
     keep = keep_shares(model, example, config, index, sizes, goal)
     losses = planned_losses(model, example, config, index, 2.0)
@@ -292,8 +292,9 @@ def digits():
 def test_gate_reaches_the_ratio_on_digits_and_leaves_no_scorers(digits):
     model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
     keys = set(model.state_dict())
-    result = run("gate", model, torch.randn(1, 1, 8, 8), GateConfig(ratio=2.0, prune_every=0.5), data=digits,
-                 train=TrainConfig(epochs=4, quiet=True))
+    # a gating phase of 80% of the budget (3.2 epochs): long enough for digits' scores to separate
+    result = run("gate", model, torch.randn(1, 1, 8, 8), GateConfig(ratio=2.0, prune_every=0.5, final_fraction=0.2),
+                 data=digits, train=TrainConfig(epochs=4, quiet=True))
     assert result.target_met and result.ratio["macs"] >= 1.9 and result.details["gate"]["stopped_by"] == "ratio"
     assert any(h["action"] == "pruned" and h["removed"] > h["forced"] for h in result.history)  # gates decided
     assert result.after["accuracy"] > 0.8 and result.epochs_used == pytest.approx(4.0, abs=0.05)
