@@ -13,8 +13,15 @@ $PY bench/methods_finetune.py --seeds 0 --rows dense random l1 "taylor + sensiti
 # two more seeds for the rows the comparison rests on: dpruner's best and the peer's best
 $PY bench/methods_finetune.py --seeds 1 2 --rows "l1 + sensitivity" "tp magnitude"
 # methods that learn while fine-tuning (same budget), next to the random and l1 rows above
-$PY bench/methods_finetune.py --seeds 0 --rows gate "gate tolerance 1%" "gate sparsity 20" spp "spp A=0.05" \
+$PY bench/methods_finetune.py --seeds 0 --rows gate "gate early target" "gate late" "gate score-rank" "gate last" \
+  "gate no pull" "gate tolerance 1%" "gate sparsity 20" spp "spp A=0.05" \
   "spp A=0.2" coarse "coarse running BN" "coarse random only" "coarse kernel 0.5" \
   "random kernel 0.5" "fpgm soft"
 # the remaining seeds of the comparison
 $PY bench/methods_finetune.py --seeds 1 2 --rows "taylor + sensitivity" "tp taylor" random l1
+$PY bench/methods_finetune.py --seeds 1 --rows gate coarse
+# a 3-epoch budget for random, l1 and the gate (the gates need steps to separate)
+$PY bench/methods_finetune.py --seeds 0 --budget-epochs 3 --out bench/results/methods/finetune-3ep.jsonl \
+  --rows random l1 gate "gate early target" "gate late" "gate target pull"
+$PY bench/methods_finetune.py --seeds 1 --budget-epochs 3 --out bench/results/methods/finetune-3ep.jsonl \
+  --rows random gate
