@@ -389,14 +389,15 @@ def planned_losses(model: nn.Module, example: torch.Tensor, config: GateConfig, 
     return plan_goals(model, example, planner, index, leaf_modules)[0]
 
 
-def keep_shares(model: nn.Module, example: torch.Tensor, config: GateConfig, index, sizes: dict[int, int],
-                goal: float | None, leaf_modules=()) -> dict[int, float] | None:
+def keep_shares(model: nn.Module, example: torch.Tensor, config: GateConfig, graph, index, goal: float | None,
+                leaf_modules=()) -> dict[int, float] | None:
     """The `target` pull's goal per gated group: the share of its channels the plan at the remaining ratio keeps
     (None: no ratio, or the `zero` pull)."""
     from dpruner.metrics.macs import count_sizes
 
     if goal is None or config.pull != "target":
         return None
+    sizes = gate_members(graph, index)[0]
     now = count_sizes(model, example)[config.target]
     losses = planned_losses(model, example, config, index, now / goal, leaf_modules) if now > goal * (1 + 1e-9) \
         else {}
@@ -560,7 +561,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             analysed = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
         (graph, index), analysed = analysed, None
         # (before the gates are attached: the plan prunes a copy of the plain model)
-        keep = keep_shares(model, example, config, index, gate_members(graph, index)[0], goal, env.leaf_modules)
+        keep = keep_shares(model, example, config, graph, index, goal, env.leaf_modules)
         gates = Gates(model, graph, index, config, seed=config.seed * 1_000_003 + len(history), carried=saved)
         if not gates.sizes:
             gates.detach()
@@ -632,7 +633,6 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             entry["val_accuracy"] = accuracy
             if accuracy < floor:  # this step went past the tolerance: keep the model before it and stop
                 model = folded_before()
-                analysed = None
                 history.append({**entry, "action": "rolled back"})
                 stop = "tolerance"
                 saved, unfolded = None, None

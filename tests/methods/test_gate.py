@@ -225,12 +225,12 @@ def test_target_pull_holds_each_groups_mean_score_at_the_share_the_goal_keeps():
     sizes = gate_members(graph, index)[0]
     config = GateConfig(ratio=2.0, pull="target")
     goal = count_sizes(model, example)["macs"] / 2
-    keep = keep_shares(model, example, config, index, sizes, goal)
+    keep = keep_shares(model, example, config, graph, index, goal)
     losses = planned_losses(model, example, config, index, 2.0)
     assert set(keep) == set(sizes) and any(v < 1 for v in keep.values())
     assert all(keep[g] == pytest.approx(1 - losses.get(g, 0) / n) for g, n in sizes.items())
-    assert keep_shares(model, example, GateConfig(ratio=2.0, pull="zero"), index, sizes, goal) is None
-    assert keep_shares(model, example, config, index, sizes, None) is None  # tolerance only: no goal to keep
+    assert keep_shares(model, example, GateConfig(ratio=2.0, pull="zero"), graph, index, goal) is None
+    assert keep_shares(model, example, config, graph, index, None) is None  # tolerance only: no goal to keep
     with pytest.raises(InputError, match="--gate-pull"):
         GateConfig(ratio=2.0, pull="sideways")
 
