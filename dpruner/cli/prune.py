@@ -52,6 +52,7 @@ def prune(
     gate_schedule: Annotated[str, typer.Option("--gate-schedule", help="--method gate with --ratio: progressive (interval i of n removes at least up to ratio^(i/n), so the network recovers between removals) or last (only the last interval forces the ratio; earlier ones remove what the threshold says).")] = "progressive",
     gate_final: Annotated[float, typer.Option("--gate-final", help="--method gate: share of --budget-epochs kept for the final fine-tune without scorers (the gating phase gets the rest). ResNet-56 at 2x: 0.6 gave 78.6% (1 epoch) and 82.4% (3 epochs) where 0.2 gave 76.9% and 75.3%.")] = 0.6,
     gate_pull: Annotated[str, typer.Option("--gate-pull", help="--method gate: the sparsity term. target (with --ratio): each group's mean score is pulled to the share of channels the goal keeps, so the scores cannot all fall together; zero: every score is pulled toward 0 (also what target does without --ratio).")] = "zero",
+    gate_rate: Annotated[float, typer.Option("--gate-rate", help="--method gate with --tolerance and no --ratio: share of the MACs (or --target) the first removal takes; later ones grow with the accuracy headroom and shrink after a removal that fell below the tolerance (Play-and-Prune's controller, at most 0.3).")] = 0.1,
     gate_rank: Annotated[str, typer.Option("--gate-rank", help="--method gate: how an interval's scores rank channels: logit (sigmoid of the mean logit; unbiased by how much a score fluctuates between batches) or score (the mean score).")] = "logit",
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
@@ -170,7 +171,7 @@ def prune(
                             exclude=tuple(exclude or ()), max_fraction=max_fraction, seed=seed,
                             sparsity_weight=gate_sparsity, binary_weight=gate_binary, threshold=gate_threshold,
                             prune_every=gate_every, schedule=gate_schedule, rank=gate_rank, pull=gate_pull,
-                            final_fraction=gate_final)
+                            final_fraction=gate_final, step_rate=gate_rate)
     elif tolerance is not None:
         from dpruner.methods.tolerance import ToleranceConfig, parse_tolerance
 

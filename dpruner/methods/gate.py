@@ -16,7 +16,9 @@ channel while the network fine-tunes, and the channels it keeps rating low are r
   never past the goal, nor past --max-fraction of a group's current width in one removal). When the gating ends,
   the surviving channels' mean scores over the last interval are folded into the norm layer (gamma *= s,
   beta *= s) or the producer's weights and bias: exact, since the gate is linear after them.
-- stop at the --ratio (MACs or params) or, with a tolerance, before validation accuracy drops past it. With a ratio,
+- stop at the --ratio (MACs or params) or, with a tolerance, before validation accuracy drops past it (a removal
+  below it gets one interval to recover, then is undone; with only a tolerance, Play-and-Prune's rate controller
+  sizes the removals: MAX_RATE). With a ratio,
   `schedule` "progressive" (default) makes interval i of n reach at least ratio^(i/n), so removals spread over the
   gating phase and the network recovers between them; "last" forces only the last interval. What the threshold
   leaves short of an interval's goal is removed regardless of it (counted as forced): each group loses channels up
@@ -66,6 +68,7 @@ class GateConfig:
     schedule: str = "progressive"
     rank: str = "logit"
     pull: str = "zero"
+    step_rate: float = 0.1  # --tolerance without --ratio: share of the target the first step removes (MAX_RATE)
 
     def __post_init__(self):
         from dpruner import validate
@@ -80,6 +83,7 @@ class GateConfig:
         if self.prune_every is not None:
             validate.number(self.prune_every, "--gate-every", low=0, low_open=True, high=validate.MAX_EPOCHS)
         validate.number(self.final_fraction, "--gate-final", low=0, high=1, high_open=True)
+        validate.number(self.step_rate, "--gate-rate", low=0, low_open=True, high=MAX_RATE)
         if self.schedule not in SCHEDULES:
             raise InputError(f"--gate-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
         if self.pull not in PULLS:
@@ -106,6 +110,17 @@ RANKS = ("logit", "score")
 # 3-epoch budget saw the mean score fall from 0.86 to 0.21 within one interval and the threshold then remove 307
 # channels at once.
 PULLS = ("target", "zero")
+# --tolerance without --ratio: Play-and-Prune's rate controller (the values of ToleranceConfig's defaults) sets how
+# much every interval removes. Interval goal = (1 - rate) x the current target (MACs or params); the gate's ranking
+# chooses the channels (the threshold's first, then forced_choice). A removal that keeps validation accuracy within
+# the tolerance is accepted and the rate grows with the headroom: rate *= 1 + GAIN * min(margin / tolerance, 1), at
+# most MAX_RATE. One that falls below it gets the next interval to recover in ("play", gates on, nothing removed):
+# recovered, it is accepted and rate *= SHRINK (smaller steps near the edge); not recovered (or no interval left), the
+# network goes back to before the removal (scores folded, scorers start over) and rate *= SHRINK. The run stops after
+# MAX_FAILURES rollbacks in a row or once the rate is below MIN_RATE. Without it the threshold alone decided, and on
+# ResNet-56 with a 1-epoch budget no score fell below it: --tolerance 1% returned the dense model (1.00x).
+MAX_RATE, GAIN, SHRINK, MIN_RATE, MAX_FAILURES = 0.3, 0.5, 0.5, 0.01, 3
+RECOVERING = "pruned, below the tolerance: recovering"
 
 
 def interval_goal(before: float, goal: float, step: int, steps: int, schedule: str) -> float | None:
@@ -522,11 +537,19 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
     saved: dict[int, dict] | None = None  # the scorers to continue (group id -> weights; `carry` after a removal)
     unfolded: dict[int, np.ndarray] | None = None  # last interval's scores, trained with but not yet folded
     analysed = None  # (graph, index) of the model as it is, when the last removal already analysed it
+    rate = config.step_rate if goal is None else None  # tolerance only: the rate controller's state (MAX_RATE)
+    failures = 0  # rollbacks in a row
+    pending: nn.Module | None = None  # before a removal that fell below the tolerance, while the next interval plays
     if env.resume is not None:
         progress = check_state(env.resume, "gate", settings,
                                {"used": float, "position": int, "history": list, "forced": int, "reached": bool},
                                "the resume file")
         try:
+            if progress.get("pending") is not None:  # the model before the last plan, as the rollback would need it
+                pending = copy.deepcopy(model)
+                for plan in env.resume["plans"][:-1]:
+                    apply_plan(pending, plan)
+                pending.load_state_dict(progress["pending"])
             for plan in env.resume["plans"]:
                 apply_plan(model, plan)
             model.load_state_dict(env.resume["model"])
@@ -535,6 +558,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         plans, history = list(env.resume["plans"]), list(progress["history"])
         used, position, forced = progress["used"], progress["position"], progress["forced"]
         reached, stop = progress["reached"], progress.get("stop")
+        rate, failures = progress.get("rate", rate), progress.get("failures", 0)
         if progress.get("scorers") is not None:
             saved = {int(k): v for k, v in progress["scorers"].items()}
         if progress.get("unfolded") is not None:
@@ -547,16 +571,37 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             env.on_checkpoint(make_state("gate", settings, model.state_dict(),
                                          {"used": used, "position": position, "history": history, "forced": forced,
                                           "reached": reached, "stop": stop, "scorers": scorers,
+                                          "rate": rate, "failures": failures,
+                                          "pending": None if pending is None else pending.state_dict(),
                                           "unfolded": None if unfolded is None else
                                           {str(k): torch.from_numpy(v) for k, v in unfolded.items()}},
                                          plans=plans))
 
+    def roll_back(entry: dict, back: nn.Module) -> None:
+        """A removal below the tolerance for good: back to the network before it (`back`, scores folded), the
+        scorers start over. With a ratio the run stops there; with only a tolerance the next step is smaller."""
+        nonlocal model, saved, unfolded, analysed, stop, rate, failures
+        model, saved, unfolded, analysed = back, None, None, None
+        failures += 1
+        if rate is not None:
+            rate *= SHRINK
+        if rate is None or rate < MIN_RATE or failures >= MAX_FAILURES:
+            stop = "tolerance"
+        history.append({**entry, "action": "rolled back", **({"rate": rate} if rate is not None else {})})
+        checkpoint()
+
     while stop is None and not reached and interval > 0 and used + interval <= gate_budget + 1e-9:
         final = used + 2 * interval > gate_budget + 1e-9  # the last gating interval: the goal must be met now
-        # what this interval must reach at least (the schedule's share of the ratio; None: the threshold decides)
-        due = None if goal is None else \
-            goal if final else interval_goal(before[config.target], goal, len(history) + 1, intervals, config.schedule)
         model.cpu().eval()
+        # what this interval must reach at least (the schedule's share of the ratio, or the rate's share of the
+        # current size; None: the threshold decides, or an interval spent recovering removes nothing)
+        if pending is not None:
+            due = None
+        elif goal is not None:
+            due = goal if final else \
+                interval_goal(before[config.target], goal, len(history) + 1, intervals, config.schedule)
+        else:
+            due = (1 - rate) * count_sizes(model, example)[config.target]
         if analysed is None:
             analysed = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
         (graph, index), analysed = analysed, None
@@ -577,6 +622,28 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         saved = gates.state()
         gates.detach()
         model.cpu().eval()
+        if pending is not None:  # the interval after a removal below the tolerance: has the network recovered?
+            live = Gates(model, graph, index, config, carried=saved)
+            try:
+                accuracy = step_accuracy(model, data, device, ctx)
+            finally:
+                live.detach()
+            entry = {"step": len(history) + 1, "epochs_used": round(used, 4), "removed": 0, "forced": 0,
+                     "mean_score": float(np.mean(np.concatenate(list(means.values())))), "val_accuracy": accuracy}
+            if accuracy < floor:
+                back, pending = pending, None
+                forced -= next(h["forced"] for h in reversed(history) if h["action"] == RECOVERING)
+                plans.pop()
+                roll_back(entry, back)
+                continue
+            pending, unfolded, failures = None, means, 0
+            if rate is not None:
+                rate = min(rate * SHRINK, MAX_RATE)
+            history.append({**entry, "action": "recovered", **({"rate": rate} if rate is not None else {})})
+            if goal is not None and count_sizes(model, example)[config.target] <= goal * (1 + 1e-9):
+                reached, stop = True, "ratio"
+            checkpoint()
+            continue
         macs = count_macs(model, example)
         cost = build_cost_model(model, graph, index, macs.by_module, macs.total)
         removed = choose(index, ranks, cost, goal, which, config.threshold, config.max_fraction)
@@ -631,13 +698,20 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         entry.update(sizes)
         if floor is not None:
             entry["val_accuracy"] = accuracy
-            if accuracy < floor:  # this step went past the tolerance: keep the model before it and stop
-                model = folded_before()
-                history.append({**entry, "action": "rolled back"})
-                stop = "tolerance"
-                saved, unfolded = None, None
+            if accuracy < floor and used + 2 * interval <= gate_budget + 1e-9:  # one interval left to recover in
+                pending = folded_before()
+                forced += extra
+                plans.append(plan)
+                history.append({**entry, "action": RECOVERING})
                 checkpoint()
-                break
+                continue
+            if accuracy < floor:  # and no interval left: keep the model before it
+                roll_back(entry, folded_before())
+                continue
+            failures = 0
+            if rate is not None:  # Play-and-Prune: larger steps while there is headroom
+                rate = min(rate * (1 + GAIN * min((accuracy - floor) / config.tolerance, 1.0)), MAX_RATE)
+                entry["rate"] = rate
         forced += extra
         plans.append(plan)
         history.append({**entry, "action": "pruned"})
@@ -645,6 +719,12 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             reached = True
             stop = "ratio"
         checkpoint()
+    if pending is not None:  # (the loop leaves an interval for recovery; a budget cut short ends here)
+        model, pending = pending, None
+        plans.pop()
+        unfolded = None
+    if stop is None:
+        stop = "budget"
     if unfolded is not None:  # the last interval removed nothing: its scores still shape what the network learned
         model.cpu().eval()
         graph, index = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)

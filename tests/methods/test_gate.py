@@ -305,19 +305,86 @@ def test_gate_reaches_the_ratio_on_digits_and_leaves_no_scorers(digits):
     assert [p.shape for p in replay.parameters()] == [p.shape for p in result.model.parameters()]
 
 
-def test_a_step_past_the_tolerance_is_rolled_back(digits, monkeypatch):
-    """Validation after a removal below the floor: the step is undone and the run stops there."""
+def test_removals_that_stay_below_the_tolerance_are_rolled_back_with_smaller_steps(digits, monkeypatch):
+    """Tolerance only, validation always below the floor: every removal gets one interval to recover, is rolled
+    back, and the next step is half as large (Play-and-Prune); three rollbacks in a row stop the run."""
+    import dpruner.methods.gate as gate
+
+    monkeypatch.setattr(gate, "step_accuracy", lambda *args: 0.0)
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    result = run("gate", model, torch.randn(1, 1, 8, 8),
+                 GateConfig(tolerance=0.01, prune_every=0.25, final_fraction=0.2), data=digits,
+                 train=TrainConfig(epochs=4, quiet=True))
+    assert [h["action"] for h in result.history] == [gate.RECOVERING, "rolled back"] * 3
+    assert [h["rate"] for h in result.history if "rate" in h] == pytest.approx([0.05, 0.025, 0.0125])
+    assert result.details["gate"]["stopped_by"] == "tolerance" and result.plans == []
+    assert result.details["gate"]["forced_channels"] == 0  # the rolled-back removals are not counted
+    assert not result.target_met  # nothing pruned is no success, as for the tolerance controller
+    assert result.after["params"] == result.before["params"]
+
+
+def test_without_an_interval_left_a_removal_below_the_tolerance_is_undone_at_once(digits, monkeypatch):
     import dpruner.methods.gate as gate
 
     monkeypatch.setattr(gate, "step_accuracy", lambda *args: 0.0)
     model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
     result = run("gate", model, torch.randn(1, 1, 8, 8),
                  GateConfig(tolerance=0.01, prune_every=0.5, threshold=0.99), data=digits,
-                 train=TrainConfig(epochs=2, quiet=True))
-    assert result.details["gate"]["stopped_by"] == "tolerance" and result.plans == []
-    assert not result.target_met  # nothing pruned is no success, as for the tolerance controller
-    assert result.history[-1]["action"] == "rolled back"
-    assert result.after["params"] == result.before["params"]
+                 train=TrainConfig(epochs=2, quiet=True))  # a gating phase of 0.8 epochs: one interval
+    assert [h["action"] for h in result.history] == ["rolled back"]
+    assert result.details["gate"]["stopped_by"] == "budget" and result.plans == []
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.1, 0.31, float("nan"), float("inf")])
+def test_gate_rate_outside_its_range_is_a_user_error(rate):
+    with pytest.raises(InputError, match="--gate-rate"):
+        GateConfig(tolerance=0.01, step_rate=rate)
+
+
+def test_a_recovered_removal_is_kept_and_the_rate_follows_the_headroom(digits, monkeypatch):
+    """Below the floor right after the first removal, above it after the next interval: the removal stays, the
+    rate halves; the next removal keeps a full tolerance of headroom and the rate grows by half."""
+    import dpruner.methods.gate as gate
+
+    calls = []
+    monkeypatch.setattr(gate, "step_accuracy", lambda *args: calls.append(1) or (0.0 if len(calls) == 1 else 1.0))
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    example = torch.randn(1, 1, 8, 8)
+    macs = dpruner.count_macs(model, example).total
+    result = run("gate", model, example, GateConfig(tolerance=0.01, prune_every=0.5, final_fraction=0.25),
+                 data=digits, train=TrainConfig(epochs=4, quiet=True))  # 3 epochs of gating: 6 intervals
+    first, second, third = result.history[:3]
+    assert first["action"] == gate.RECOVERING and first["macs"] <= 0.9 * macs * 1.02  # the rate's 10%
+    assert second["action"] == "recovered" and second["rate"] == pytest.approx(0.05) and second["removed"] == 0
+    assert third["action"] == "pruned" and third["rate"] == pytest.approx(0.075)
+    assert third["macs"] <= 0.95 * first["macs"] * 1.02
+    assert len(result.plans) == sum(h["action"] in (gate.RECOVERING, "pruned") for h in result.history)
+    assert result.target_met and result.ratio["macs"] > 1.2
+
+
+def test_a_run_resumed_while_a_removal_recovers_ends_where_the_uninterrupted_one_does(digits, monkeypatch):
+    """The state saved during a recovery interval carries the network before the removal: resuming from it and
+    rolling back gives the same plans, history and weights as the run that was not interrupted."""
+    import copy
+
+    import dpruner.methods.gate as gate
+
+    monkeypatch.setattr(gate, "step_accuracy", lambda *args: 0.0)
+    config = GateConfig(tolerance=0.01, prune_every=0.5, final_fraction=0.25)
+    # 1.8 epochs of gating = 3 intervals of 6/11 epoch (digits has 11 batches): a removal, a recovery that fails,
+    # a removal undone at once
+    train = TrainConfig(epochs=2.4, quiet=True)
+    example = torch.randn(1, 1, 8, 8)
+    states = []
+    full = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
+               train=train, on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    assert [h["action"] for h in full.history] == [gate.RECOVERING, "rolled back", "rolled back"]
+    assert states[0]["progress"]["pending"] is not None
+    resumed = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
+                  train=train, resume=states[0])
+    assert resumed.plans == full.plans == [] and resumed.history == full.history
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value)
 
 
 SCRIPT = '''
