@@ -91,6 +91,8 @@ ROWS = {
                                   "schedule": "last"}),
     "tolerance 1% l1": ("tolerance", "l1"),
     "tolerance 1% taylor": ("tolerance", "taylor"),
+    # the same capped by latency measured in ONNX Runtime (batch 1, 2 threads): stops once at most 0.8x the original's
+    "tolerance 1% l1 max-latency 0.8x": ("tolerance", {"criterion": "l1", "max_latency": 0.8}),
 }
 
 
@@ -196,11 +198,20 @@ def run_row(row: str, seed: int, args) -> dict:
     if kind == "tolerance":
         from dpruner.methods.tolerance import ToleranceConfig, prune_to_tolerance
 
+        options = {"criterion": spec_row} if isinstance(spec_row, str) else dict(spec_row)
+        if "max_latency" in options:
+            from dpruner.runtime.latency import LatencySpec
+
+            options["latency"] = LatencySpec(runtime="onnxruntime", batch=1, threads=2)
         controller = ToleranceConfig(tolerance=0.01, budget_epochs=args.budget_epochs,
-                                     step_epochs=args.budget_epochs / 10, criterion=spec_row)
+                                     step_epochs=args.budget_epochs / 10, **options)
         result = prune_to_tolerance(original, example, data, controller, config)
         model = result.model
         extra = {"steps": len(result.history), "met": result.met, "epochs_used": result.epochs_used}
+        if "max_latency" in options:  # the measured latency ratio of the last accepted step, and why it stopped
+            accepted = [h for h in result.history if h.get("accepted") and "ratio_latency" in h]
+            extra["latency"] = {"ratio": accepted[-1]["ratio_latency"] if accepted else 1.0,
+                                "stopped": [h["reason"] for h in result.history if h.get("action") == "stop"]}
         prune_s = time.perf_counter() - start
         pruned_acc = None  # the controller interleaves pruning and fine-tuning
     elif kind == "soft":

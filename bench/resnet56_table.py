@@ -1,4 +1,4 @@
-"""Render the four runs of bench/resnet56_tolerance.sh as one Markdown table (the numbers in docs/benchmarks.md).
+"""Render the runs of bench/resnet56_tolerance.sh as one Markdown table (the numbers in docs/benchmarks.md).
 
 Usage: python bench/resnet56_table.py [OUT_DIR]   (default bench-out/r56). Wall time is read from the files
 themselves: a run's .err is created when it starts and its .json written when it ends.
@@ -65,6 +65,9 @@ def rows(out: Path) -> list[str]:
         lines.append(f"| (4) dense, fine-tuned (adapted baseline) | {_k(b['params'])} (1.00x) | {_k(b['macs'])} "
                      f"(1.00x) | {a['val']['accuracy']:.2%} | {a['test']['accuracy']:.2%} | "
                      f"{dense['train']['epochs']:g} epochs | {_minutes(out, 'dense')} |")
+    gate = _load(out, "gate")
+    if gate is not None:
+        lines.append(dpruner_row("(5) dpruner `--method gate --tolerance 1%`", gate, "gate"))
     return lines
 
 

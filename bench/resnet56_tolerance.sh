@@ -5,6 +5,7 @@
 #   2. dpruner prune --ratio R --data          (R = the MACs ratio run 1 reached; one-shot L2, then fine-tune)
 #   3. Torch-Pruning magnitude pruner at R     (bench/peer_finetune.py; same loop, budget and distillation)
 #   4. dpruner finetune of the dense model      (the adapted baseline the data's README asks for)
+#   5. dpruner prune --method gate --tolerance 1%  (D-Pruner's scorers, Play-and-Prune's rate controller; added later)
 # Usage: bash bench/resnet56_tolerance.sh [OUT_DIR] [BUDGET]; results as JSON in OUT_DIR (default bench-out/r56).
 # On a 2-core CPU, BUDGET=4 took 37-44 min per run (2 h 40 min for all four) on an otherwise idle machine.
 set -euo pipefail
@@ -27,3 +28,5 @@ R=$("$PY" -c "import json,sys; print(round(json.load(open(sys.argv[1]))['ratio']
   --ratio "$R" --budget-epochs "$BUDGET" > "$OUT/tp.json" 2> "$OUT/tp.err"
 [ -s "$OUT/dense.json" ] || "$PY" -m dpruner finetune "$CK" "${COMMON[@]}" --epochs "$BUDGET" \
   -o "$OUT/dense.pt" --json > "$OUT/dense.json" 2> "$OUT/dense.err"
+[ -s "$OUT/gate.json" ] || "$PY" -m dpruner prune "$CK" "${COMMON[@]}" --method gate --tolerance 1% \
+  --budget-epochs "$BUDGET" -o "$OUT/gate.pt" --json > "$OUT/gate.json" 2> "$OUT/gate.err"
