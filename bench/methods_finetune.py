@@ -85,6 +85,10 @@ ROWS = {
                               "binary_weight": 0.0}),
     # --tolerance alone: Play-and-Prune's rate controller sets each removal's size (today's defaults)
     "gate tolerance 1%": ("gate", {"tolerance": 0.01}),
+    # the same with the target pull (each group's mean score pulled to the share the interval's step keeps)
+    "gate tolerance 1% target": ("gate", {"tolerance": 0.01, "pull": "target", "sparsity_weight": 20.0}),
+    # the same with a gating phase of 70% of the budget, as the tolerance controller's steps get
+    "gate tolerance 1% long": ("gate", {"tolerance": 0.01, "final_fraction": 0.3}),
     # ten times the default sparsity pull: the default (2.0, tuned on digits) barely moves ResNet-56's scores in
     # the 47 gating steps of this budget (mean score 0.95 -> 0.90), so the last interval forces the removal
     "gate sparsity 20": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "sparsity_weight": 20.0,

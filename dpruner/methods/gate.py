@@ -406,8 +406,8 @@ def planned_losses(model: nn.Module, example: torch.Tensor, config: GateConfig, 
 
 def keep_shares(model: nn.Module, example: torch.Tensor, config: GateConfig, graph, index, goal: float | None,
                 leaf_modules=()) -> dict[int, float] | None:
-    """The `target` pull's goal per gated group: the share of its channels the plan at the remaining ratio keeps
-    (None: no ratio, or the `zero` pull)."""
+    """The `target` pull's goal per gated group: the share of its channels the plan down to `goal` (the ratio's
+    target, or with only a tolerance the interval's) keeps (None: no goal, or the `zero` pull)."""
     from dpruner.metrics.macs import count_sizes
 
     if goal is None or config.pull != "target":
@@ -606,13 +606,17 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             analysed = analyze_groups(model, example, exclude=config.exclude, leaf_modules=env.leaf_modules)
         (graph, index), analysed = analysed, None
         # (before the gates are attached: the plan prunes a copy of the plain model)
-        keep = keep_shares(model, example, config, graph, index, goal, env.leaf_modules)
+        # the target pull's shares: of the ratio left, or with only a tolerance of this interval's step
+        keep = keep_shares(model, example, config, graph, index, goal if goal is not None else due,
+                           env.leaf_modules)
         gates = Gates(model, graph, index, config, seed=config.seed * 1_000_003 + len(history), carried=saved)
         if not gates.sizes:
             gates.detach()
             stop = "no group can carry a gate"
             break
-        training = GateTraining(gates, config, keep)
+        # an interval spent recovering trains without the sparsity pull (Play-and-Prune's "play" drops its penalty
+        # too): with the zero pull, ResNet-56's mean score fell from 0.89 to 0.48 in one such interval
+        training = GateTraining(gates, config if pending is None else replace(config, sparsity_weight=0.0), keep)
         result = fit(model.to(device), data, env.train.with_(epochs=interval, seed=env.train.seed + len(history)),
                      device=device, ctx=ctx, teacher=teacher, description="gate", position=position,
                      callbacks=[training])

@@ -311,11 +311,18 @@ def test_removals_that_stay_below_the_tolerance_are_rolled_back_with_smaller_ste
     import dpruner.methods.gate as gate
 
     monkeypatch.setattr(gate, "step_accuracy", lambda *args: 0.0)
+    seen = []  # (sparsity weight, keep shares) of every interval's training
+    real = gate.GateTraining
+    monkeypatch.setattr(gate, "GateTraining", lambda gates, config, keep: seen.append(
+        (config.sparsity_weight, keep)) or real(gates, config, keep))
     model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
     result = run("gate", model, torch.randn(1, 1, 8, 8),
-                 GateConfig(tolerance=0.01, prune_every=0.25, final_fraction=0.2), data=digits,
+                 GateConfig(tolerance=0.01, prune_every=0.25, final_fraction=0.2, pull="target"), data=digits,
                  train=TrainConfig(epochs=4, quiet=True))
     assert [h["action"] for h in result.history] == [gate.RECOVERING, "rolled back"] * 3
+    # recovering intervals train without the pull; the others pull toward this step's shares (the rate's size)
+    assert [w for w, _ in seen] == [2.0, 0.0] * 3
+    assert all(keep and min(keep.values()) < 1 for _, keep in seen[::2])
     assert [h["rate"] for h in result.history if "rate" in h] == pytest.approx([0.05, 0.025, 0.0125])
     assert result.details["gate"]["stopped_by"] == "tolerance" and result.plans == []
     assert result.details["gate"]["forced_channels"] == 0  # the rolled-back removals are not counted
