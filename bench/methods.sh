@@ -23,5 +23,10 @@ $PY bench/methods_finetune.py --seeds 1 --rows gate coarse
 # a 3-epoch budget for random, l1 and the gate (the gates need steps to separate)
 $PY bench/methods_finetune.py --seeds 0 --budget-epochs 3 --out bench/results/methods/finetune-3ep.jsonl \
   --rows random l1 gate "gate early target" "gate late" "gate target pull"
+# pruning to a 1% tolerance with the same 3-epoch budget: the gate's rate controller next to Play-and-Prune's l1,
+# and l1 capped by latency measured in ONNX Runtime (keep the machine idle for that row)
+$PY bench/methods_finetune.py --seeds 0 --budget-epochs 3 --out bench/results/methods/finetune-3ep.jsonl \
+  --rows "gate tolerance 1%" "gate tolerance 1% long" "gate tolerance 1% target" "tolerance 1% l1" \
+  "tolerance 1% l1 max-latency 0.8x"
 $PY bench/methods_finetune.py --seeds 1 --budget-epochs 3 --out bench/results/methods/finetune-3ep.jsonl \
   --rows random gate
