@@ -277,8 +277,17 @@ def prune(
             print_error("even the first pruning step lost more accuracy than --tolerance allows, so nothing was "
                         "written; allow a larger --tolerance or more fine-tuning per step (--step-epochs).")
         elif data is None:
-            print_error(f"the requested ratio was not reached (achieved {result.ratio[target]:.2f}x {target}); "
-                        f"the model was written to '{output}' anyway.")
+            achieved = result.ratio[target]
+            requested = parse_ratio(ratio) if ratio is not None else None
+            if requested is not None and achieved > requested:  # below the 5% window: the widths could not land nearer
+                print_error(f"the requested ratio was overshot (achieved {achieved:.2f}x {target} for {requested:g}x: "
+                            f"the channel multiple leaves no width nearer; try a smaller --round-to); the model was "
+                            f"written to '{output}' anyway.")
+            else:
+                print_error(f"the requested ratio was not reached (achieved {achieved:.2f}x {target} of "
+                            f"{requested:g}x); the model was written to '{output}' anyway." if requested is not None
+                            else f"the requested ratio was not reached (achieved {achieved:.2f}x {target}); the "
+                                 f"model was written to '{output}' anyway.")
         else:
             print_error("the requested ratio was not reached; the model was not written.")
         raise typer.Exit(EXIT_TARGET_NOT_MET)

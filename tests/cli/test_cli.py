@@ -178,7 +178,15 @@ def test_prune_bad_options(tmp_path):
 def test_prune_unreachable_ratio_exits_1(tmp_path):
     out = tmp_path / "o.pt"
     result = run("prune", VGG, "--ratio", "500x", "-o", str(out))
-    assert result.exit_code == 1 and "not reached" in result.stderr and out.exists()
+    assert result.exit_code == 1 and "not reached" in result.stderr and "of 500x" in result.stderr and out.exists()
+
+
+def test_prune_overshot_ratio_says_so(tmp_path):
+    # the digits ResNet's 16-channel layers keep 16 or nothing with --round-to 16: 2x lands well past the 5% window
+    out = tmp_path / "o.pt"
+    result = run("prune", str(SAMPLE_MODELS / "digits_resnet.pt"), "--ratio", "2x", "--round-to", "16", "-o", str(out))
+    assert result.exit_code == 1 and out.exists()
+    assert "overshot" in result.stderr and "for 2x" in result.stderr and "--round-to" in result.stderr
 
 
 def test_prune_torchvision_state_dict(tmp_path):
