@@ -51,8 +51,8 @@ def prune(
     gate_every: Annotated[Optional[float], typer.Option("--gate-every", help="--method gate: epochs between removals (fractions allowed; default: a tenth of --budget-epochs, so the gating phase of --gate-final 0.6 holds three or four removals).")] = None,
     gate_schedule: Annotated[str, typer.Option("--gate-schedule", help="--method gate with --ratio: progressive (interval i of n removes at least up to ratio^(i/n), so the network recovers between removals) or last (only the last interval forces the ratio; earlier ones remove what the threshold says).")] = "progressive",
     gate_final: Annotated[float, typer.Option("--gate-final", help="--method gate: share of --budget-epochs kept for the final fine-tune without scorers (the gating phase gets the rest). ResNet-56 at 2x: 0.6 gave 78.6% (1 epoch) and 82.4% (3 epochs) where 0.2 gave 76.9% and 75.3%. With --tolerance alone, 0.3 gives the rate controller more steps (ResNet-56, 3 epochs: 1.32x MACs where 0.6 reached 1.19x, same accuracy).")] = 0.6,
-    gate_pull: Annotated[str, typer.Option("--gate-pull", help="--method gate: the sparsity term. target (with --ratio): each group's mean score is pulled to the share of channels the goal keeps, so the scores cannot all fall together; zero: every score is pulled toward 0 (also what target does without --ratio).")] = "zero",
-    gate_rate: Annotated[float, typer.Option("--gate-rate", help="--method gate with --tolerance and no --ratio: share of the MACs (or --target) the first removal takes; later ones grow with the accuracy headroom and shrink after a removal that fell below the tolerance (Play-and-Prune's controller, at most 0.3).")] = 0.1,
+    gate_pull: Annotated[str, typer.Option("--gate-pull", help="--method gate: the sparsity term. target: each group's mean score is pulled to the share of channels the goal keeps (with --ratio the plan at the ratio left, with only --tolerance the interval's step), so the scores cannot all fall together; zero: every score is pulled toward 0.")] = "zero",
+    gate_rate: Annotated[float, typer.Option("--gate-rate", help="--method gate with --tolerance and no --ratio: share of the MACs (or --target) the first removal takes, 0.01-0.3; later ones grow with the accuracy headroom and shrink after a removal that fell below the tolerance (Play-and-Prune's controller, at most 0.3; the run stops below 0.01).")] = 0.1,
     gate_rank: Annotated[str, typer.Option("--gate-rank", help="--method gate: how an interval's scores rank channels: logit (sigmoid of the mean logit; unbiased by how much a score fluctuates between batches) or score (the mean score).")] = "logit",
     lr: t.LrOpt = 0.01,
     weight_decay: t.WeightDecayOpt = 5e-4,
@@ -334,8 +334,9 @@ def render(doc: dict) -> None:
     out.print(table)
     if "data" in doc:
         if doc["history"]:
+            # gate: a removal is kept when "pruned", or "recovered" after one interval below the tolerance
             accepted = len([h for h in doc["history"] if (h.get("accepted") and h["action"] != "final")
-                            or h.get("action") == "pruned"])
+                            or h.get("action") in ("pruned", "recovered")])
             out.print(f"{accepted} accepted steps, {doc['epochs_used']:.2f} fine-tuning epochs on {doc['data']}.")
         else:
             out.print(f"Pruned one-shot, then fine-tuned {doc['epochs_used']:.2f} epochs on {doc['data']}.")

@@ -83,7 +83,7 @@ class GateConfig:
         if self.prune_every is not None:
             validate.number(self.prune_every, "--gate-every", low=0, low_open=True, high=validate.MAX_EPOCHS)
         validate.number(self.final_fraction, "--gate-final", low=0, high=1, high_open=True)
-        validate.number(self.step_rate, "--gate-rate", low=0, low_open=True, high=MAX_RATE)
+        validate.number(self.step_rate, "--gate-rate", low=MIN_RATE, high=MAX_RATE)
         if self.schedule not in SCHEDULES:
             raise InputError(f"--gate-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
         if self.pull not in PULLS:
@@ -646,11 +646,15 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             history.append({**entry, "action": "recovered", **({"rate": rate} if rate is not None else {})})
             if goal is not None and count_sizes(model, example)[config.target] <= goal * (1 + 1e-9):
                 reached, stop = True, "ratio"
+            elif rate is not None and rate < MIN_RATE:
+                stop = "tolerance"
             checkpoint()
             continue
         macs = count_macs(model, example)
         cost = build_cost_model(model, graph, index, macs.by_module, macs.total)
-        removed = choose(index, ranks, cost, goal, which, config.threshold, config.max_fraction)
+        # with only a tolerance the rate sizes the whole removal: the threshold stops at the interval's step too
+        removed = choose(index, ranks, cost, goal if goal is not None else due, which, config.threshold,
+                         config.max_fraction)
         extra = 0
         if due is not None:  # the schedule's share not met by the threshold: planner's widths, lowest score x L1
             everything = forced_choice(model, example, config, graph, index, ranks, removed, due,
@@ -702,7 +706,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         entry.update(sizes)
         if floor is not None:
             entry["val_accuracy"] = accuracy
-            if accuracy < floor and used + 2 * interval <= gate_budget + 1e-9:  # one interval left to recover in
+            if accuracy < floor and used + interval <= gate_budget + 1e-9:  # an interval left to recover in
                 pending = folded_before()
                 forced += extra
                 plans.append(plan)
@@ -723,10 +727,13 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             reached = True
             stop = "ratio"
         checkpoint()
-    if pending is not None:  # (the loop leaves an interval for recovery; a budget cut short ends here)
+    if pending is not None:  # (the loop leaves an interval for recovery; only a break ends it here): undo it
         model, pending = pending, None
+        forced -= next(h["forced"] for h in reversed(history) if h["action"] == RECOVERING)
         plans.pop()
         unfolded = None
+        history.append({"step": len(history) + 1, "epochs_used": round(used, 4), "removed": 0, "forced": 0,
+                        "action": "rolled back"})
     if stop is None:
         stop = "budget"
     if unfolded is not None:  # the last interval removed nothing: its scores still shape what the network learned

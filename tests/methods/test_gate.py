@@ -342,7 +342,25 @@ def test_without_an_interval_left_a_removal_below_the_tolerance_is_undone_at_onc
     assert result.details["gate"]["stopped_by"] == "budget" and result.plans == []
 
 
-@pytest.mark.parametrize("rate", [0.0, -0.1, 0.31, float("nan"), float("inf")])
+def test_a_removal_in_the_second_to_last_interval_gets_the_last_one_to_recover(digits, monkeypatch):
+    """Two gating intervals: the first removal falls below the floor and recovers (or not) in the second; and the
+    rate caps the whole removal even when the threshold would take every channel."""
+    import dpruner.methods.gate as gate
+
+    monkeypatch.setattr(gate, "step_accuracy", lambda *args: 0.0)
+    model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
+    example = torch.randn(1, 1, 8, 8)
+    macs = dpruner.count_macs(model, example).total
+    result = run("gate", model, example, GateConfig(tolerance=0.01, prune_every=0.5, final_fraction=0.25,
+                                                   threshold=0.99),
+                 data=digits, train=TrainConfig(epochs=2, quiet=True))  # 1.5 epochs of 6/11-epoch intervals: 2
+    first, second = result.history
+    assert first["action"] == gate.RECOVERING and second["action"] == "rolled back" and second["removed"] == 0
+    assert 0.9 * macs * 0.97 <= first["macs"] <= 0.9 * macs  # the 10% step, not every channel under 0.99
+    assert result.plans == [] and result.details["gate"]["forced_channels"] == 0
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.005, -0.1, 0.31, float("nan"), float("inf")])
 def test_gate_rate_outside_its_range_is_a_user_error(rate):
     with pytest.raises(InputError, match="--gate-rate"):
         GateConfig(tolerance=0.01, step_rate=rate)
@@ -367,6 +385,33 @@ def test_a_recovered_removal_is_kept_and_the_rate_follows_the_headroom(digits, m
     assert third["macs"] <= 0.95 * first["macs"] * 1.02
     assert len(result.plans) == sum(h["action"] in (gate.RECOVERING, "pruned") for h in result.history)
     assert result.target_met and result.ratio["macs"] > 1.2
+
+
+
+def test_a_run_resumed_after_accepted_steps_carries_the_rate(digits, monkeypatch):
+    """Resuming from the state after a recovered and an accepted removal continues with their rate (not the
+    initial one): the resumed run's history and plans equal the uninterrupted run's."""
+    import copy
+
+    import dpruner.methods.gate as gate
+
+    def accuracy(*args):  # below the floor right after the first removal only
+        accuracy.calls += 1
+        return 0.0 if accuracy.calls == 1 else 1.0
+    accuracy.calls = 0
+    monkeypatch.setattr(gate, "step_accuracy", accuracy)
+    config = GateConfig(tolerance=0.01, prune_every=0.5, final_fraction=0.25)
+    train = TrainConfig(epochs=4, quiet=True)
+    example = torch.randn(1, 1, 8, 8)
+    states = []
+    full = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
+               train=train, on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    assert [h["action"] for h in full.history][:3] == [gate.RECOVERING, "recovered", "pruned"]
+    assert states[2]["progress"]["rate"] == pytest.approx(0.075)
+    accuracy.calls = 10  # every later measurement is above the floor, as in the uninterrupted run
+    resumed = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
+                  train=train, resume=states[2])
+    assert resumed.history == full.history and resumed.plans == full.plans
 
 
 def test_a_run_resumed_while_a_removal_recovers_ends_where_the_uninterrupted_one_does(digits, monkeypatch):
