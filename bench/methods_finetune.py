@@ -64,34 +64,43 @@ ROWS = {
                                      "bn_statistics": "running"}),
     # its baseline: one random kernel mask per layer (no choice), same sparsity and retrain
     "random kernel 0.5": ("coarse", {"granularity": "kernel", "sparsity": 0.5, "candidates": 1, "eval_batches": 8}),
-    # today's defaults: a removal every tenth of the budget in a gating phase of 40% of it (four removals), the
-    # final 60% fine-tunes the plain model; zero pull, logit ranking, progressive schedule
-    "gate": ("gate", {"ratio": 2.0}),
+    # a removal every tenth of the budget in a gating phase of 40% of it (four removals), the final 60% fine-tunes
+    # the plain model; logit ranking, progressive schedule; zero pull (the default until 2026-12-07: today's
+    # default is the target pull, row "gate early target")
+    "gate": ("gate", {"ratio": 2.0, "pull": "zero", "sparsity_weight": 2.0}),
     # the rows below ran with the gating phase the default before --gate-final 0.6 (80% of the budget, a removal
     # every fifth of it); each names what it varies
-    "gate late": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2}),
+    "gate late": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "pull": "zero",
+                           "sparsity_weight": 2.0}),
     # channels ranked by their interval mean score (the default before --gate-rank logit)
-    "gate score-rank": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "rank": "score"}),
+    "gate score-rank": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "rank": "score",
+                                 "pull": "zero", "sparsity_weight": 2.0}),
     # the sparsity term pulls each group's mean score to the share of channels the goal keeps (not toward 0), so
     # the scores cannot all fall together; 20: the quadratic term is weak near the target
     "gate target pull": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "pull": "target",
                                   "sparsity_weight": 20.0}),
-    # the target pull with today's schedule
+    # the target pull with today's schedule: today's defaults (pull target, weight 20)
     "gate early target": ("gate", {"ratio": 2.0, "pull": "target", "sparsity_weight": 20.0}),
     # the whole ratio forced in the last interval (the default before the progressive schedule)
-    "gate last": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "schedule": "last"}),
+    "gate last": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "schedule": "last",
+                           "pull": "zero", "sparsity_weight": 2.0}),
     # diagnosis: no sparsity or binarisation pull (the gates only follow the task loss): what the gating costs
     "gate no pull": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "sparsity_weight": 0.0,
+                              "pull": "zero",
                               "binary_weight": 0.0}),
-    # --tolerance alone: Play-and-Prune's rate controller sets each removal's size (today's defaults)
-    "gate tolerance 1%": ("gate", {"tolerance": 0.01}),
-    # the same with the target pull (each group's mean score pulled to the share the interval's step keeps)
+    # --tolerance alone: Play-and-Prune's rate controller sets each removal's size; zero pull (the default until
+    # 2026-12-07)
+    "gate tolerance 1%": ("gate", {"tolerance": 0.01, "pull": "zero", "sparsity_weight": 2.0}),
+    # the same with the target pull (each group's mean score pulled to the share the interval's step keeps): today's
+    # defaults
     "gate tolerance 1% target": ("gate", {"tolerance": 0.01, "pull": "target", "sparsity_weight": 20.0}),
-    # the same with a gating phase of 70% of the budget, as the tolerance controller's steps get
-    "gate tolerance 1% long": ("gate", {"tolerance": 0.01, "final_fraction": 0.3}),
+    # today's defaults with a gating phase of 70% of the budget, as the tolerance controller's steps get
+    "gate tolerance 1% long": ("gate", {"tolerance": 0.01, "final_fraction": 0.3, "pull": "target",
+                                        "sparsity_weight": 20.0}),
     # ten times the default sparsity pull: the default (2.0, tuned on digits) barely moves ResNet-56's scores in
     # the 47 gating steps of this budget (mean score 0.95 -> 0.90), so the last interval forces the removal
     "gate sparsity 20": ("gate", {"ratio": 2.0, "prune_every": 0.2, "final_fraction": 0.2, "sparsity_weight": 20.0,
+                                  "pull": "zero",
                                   "schedule": "last"}),
     "tolerance 1% l1": ("tolerance", "l1"),
     "tolerance 1% taylor": ("tolerance", "taylor"),

@@ -292,8 +292,10 @@ def digits():
 def test_gate_reaches_the_ratio_on_digits_and_leaves_no_scorers(digits):
     model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
     keys = set(model.state_dict())
-    # a gating phase of 80% of the budget (3.2 epochs): long enough for digits' scores to separate
-    result = run("gate", model, torch.randn(1, 1, 8, 8), GateConfig(ratio=2.0, prune_every=0.5, final_fraction=0.2),
+    # a gating phase of 80% of the budget (3.2 epochs): long enough for digits' scores to separate under the zero
+    # pull, so the threshold decides part of a removal (the target pull holds group means, the ranking decides)
+    result = run("gate", model, torch.randn(1, 1, 8, 8), GateConfig(ratio=2.0, prune_every=0.5, final_fraction=0.2,
+                                                                   pull="zero"),
                  data=digits, train=TrainConfig(epochs=4, quiet=True))
     assert result.target_met and result.ratio["macs"] >= 1.9 and result.details["gate"]["stopped_by"] == "ratio"
     assert any(h["action"] == "pruned" and h["removed"] > h["forced"] for h in result.history)  # gates decided
@@ -321,7 +323,7 @@ def test_removals_that_stay_below_the_tolerance_are_rolled_back_with_smaller_ste
                  train=TrainConfig(epochs=4, quiet=True))
     assert [h["action"] for h in result.history] == [gate.RECOVERING, "rolled back"] * 3
     # recovering intervals train without the pull; the others pull toward this step's shares (the rate's size)
-    assert [w for w, _ in seen] == [2.0, 0.0] * 3
+    assert [w for w, _ in seen] == [20.0, 0.0] * 3  # the target pull's default weight
     assert all(keep and min(keep.values()) < 1 for _, keep in seen[::2])
     assert [h["rate"] for h in result.history if "rate" in h] == pytest.approx([0.05, 0.025, 0.0125])
     assert result.details["gate"]["stopped_by"] == "tolerance" and result.plans == []
