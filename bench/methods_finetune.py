@@ -90,11 +90,11 @@ ROWS = {
                               "binary_weight": 0.0}),
     # --tolerance alone: Play-and-Prune's rate controller sets each removal's size; zero pull (the default until
     # 2026-12-07)
-    "gate tolerance 1%": ("gate", {"tolerance": 0.01, "pull": "zero", "sparsity_weight": 2.0}),
-    # the same with the target pull (each group's mean score pulled to the share the interval's step keeps): today's
-    # defaults
-    "gate tolerance 1% target": ("gate", {"tolerance": 0.01, "pull": "target", "sparsity_weight": 20.0}),
-    # today's defaults with a gating phase of 70% of the budget, as the tolerance controller's steps get
+    "gate tolerance 1%": ("gate", {"tolerance": 0.01, "pull": "zero", "sparsity_weight": 2.0, "final_fraction": 0.6}),
+    # the same with the target pull (each group's mean score pulled to the share the interval's step keeps)
+    "gate tolerance 1% target": ("gate", {"tolerance": 0.01, "pull": "target", "sparsity_weight": 20.0,
+                                          "final_fraction": 0.6}),
+    # the same with a gating phase of 70% of the budget, as the tolerance controller's steps get: today's defaults
     "gate tolerance 1% long": ("gate", {"tolerance": 0.01, "final_fraction": 0.3, "pull": "target",
                                         "sparsity_weight": 20.0}),
     # ten times the default sparsity pull: the default (2.0, tuned on digits) barely moves ResNet-56's scores in

@@ -273,6 +273,13 @@ def test_carried_scorers_keep_each_survivors_learned_score_after_a_removal():
     gates2.detach()
 
 
+def test_the_final_fine_tune_share_depends_on_the_goal():
+    assert GateConfig(ratio=2.0).final_fraction == 0.6 and GateConfig(tolerance=0.01).final_fraction == 0.3
+    assert GateConfig(ratio=2.0, tolerance=0.01).final_fraction == 0.6
+    assert GateConfig(tolerance=0.01, final_fraction=0.5).final_fraction == 0.5
+    assert GateConfig(ratio=2.0).sparsity_weight == 20.0 and GateConfig(ratio=2.0, pull="zero").sparsity_weight == 2.0
+
+
 def test_config_and_resolve():
     with pytest.raises(InputError, match="needs a goal"):
         GateConfig()
@@ -338,7 +345,7 @@ def test_without_an_interval_left_a_removal_below_the_tolerance_is_undone_at_onc
     monkeypatch.setattr(gate, "step_accuracy", lambda *args: 0.0)
     model = dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt")
     result = run("gate", model, torch.randn(1, 1, 8, 8),
-                 GateConfig(tolerance=0.01, prune_every=0.5, threshold=0.99), data=digits,
+                 GateConfig(tolerance=0.01, prune_every=0.5, threshold=0.99, final_fraction=0.6), data=digits,
                  train=TrainConfig(epochs=2, quiet=True))  # a gating phase of 0.8 epochs: one interval
     assert [h["action"] for h in result.history] == ["rolled back"]
     assert result.details["gate"]["stopped_by"] == "budget" and result.plans == []
