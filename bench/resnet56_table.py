@@ -68,6 +68,9 @@ def rows(out: Path) -> list[str]:
     gate = _load(out, "gate")
     if gate is not None:
         lines.append(dpruner_row("(5) dpruner `--method gate --tolerance 1%`", gate, "gate"))
+    early = _load(out, "gate-final06")  # the same before the tolerance-only default became --gate-final 0.3
+    if early is not None:
+        lines.append(dpruner_row("(5') the same with `--gate-final 0.6`", early, "gate-final06"))
     return lines
 
 
