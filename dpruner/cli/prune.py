@@ -279,15 +279,13 @@ def prune(
         elif data is None:
             achieved = result.ratio[target]
             requested = parse_ratio(ratio) if ratio is not None else None
+            written = f"the model was written to '{output}' anyway."
             if requested is not None and achieved > requested:  # below the 5% window: the widths could not land nearer
                 print_error(f"the requested ratio was overshot (achieved {achieved:.2f}x {target} for {requested:g}x: "
-                            f"the channel multiple leaves no width nearer; try a smaller --round-to); the model was "
-                            f"written to '{output}' anyway.")
+                            f"the channel multiple leaves no width nearer; try a smaller --round-to); {written}")
             else:
-                print_error(f"the requested ratio was not reached (achieved {achieved:.2f}x {target} of "
-                            f"{requested:g}x); the model was written to '{output}' anyway." if requested is not None
-                            else f"the requested ratio was not reached (achieved {achieved:.2f}x {target}); the "
-                                 f"model was written to '{output}' anyway.")
+                of = f" of {requested:g}x" if requested is not None else ""
+                print_error(f"the requested ratio was not reached (achieved {achieved:.2f}x {target}{of}); {written}")
         else:
             print_error("the requested ratio was not reached; the model was not written.")
         raise typer.Exit(EXIT_TARGET_NOT_MET)

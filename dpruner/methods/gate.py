@@ -115,12 +115,12 @@ RANKS = ("logit", "score")
 # budget (the threshold then removed 307 channels at once) and from 0.95 to 0.26 within the first 0.4 epoch of the
 # full 50k-image training set (every removal then fell below the tolerance); the default weight of each form:
 PULLS = ("target", "zero")
-SPARSITY = {"target": 20.0, "zero": 2.0}
+SPARSITY = {"target": 20.0, "zero": 2.0}  # the quadratic term is weak near its target, hence the larger weight
 # share of the budget for the final fine-tune without scorers. With a ratio, 0.6 (a gating phase of 40%): ResNet-56 at
 # 2x, 78.6% / 82.4% after 1 / 3 epochs where 0.2 gave 76.9% / 75.3%. With only a tolerance, 0.3 (70% for removals, as
 # the tolerance controller's steps get): more intervals for the rate controller, ResNet-56 with 3 epochs 1.34x MACs
 # at 84.3% where 0.6 reached 1.17x at 84.4% (target pull; zero pull 1.32x vs 1.19x)
-FINAL = {"ratio": 0.6, "tolerance": 0.3}  # the quadratic term is weak near its target, hence the larger weight
+FINAL = {"ratio": 0.6, "tolerance": 0.3}
 # --tolerance without --ratio: Play-and-Prune's rate controller (the values of ToleranceConfig's defaults) sets how
 # much every interval removes. Interval goal = (1 - rate) x the current target (MACs or params); the gate's ranking
 # chooses the channels (the threshold's first, then forced_choice). A removal that keeps validation accuracy within
@@ -601,6 +601,14 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
         history.append({**entry, "action": "rolled back", **({"rate": rate} if rate is not None else {})})
         checkpoint()
 
+    def drop_pending() -> nn.Module:
+        """Give up the removal that is recovering: its plan and forced count go; returns the network before it."""
+        nonlocal pending, forced
+        back, pending = pending, None
+        forced -= next(h["forced"] for h in reversed(history) if h["action"] == RECOVERING)
+        plans.pop()
+        return back
+
     while stop is None and not reached and interval > 0 and used + interval <= gate_budget + 1e-9:
         final = used + 2 * interval > gate_budget + 1e-9  # the last gating interval: the goal must be met now
         model.cpu().eval()
@@ -646,10 +654,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             entry = {"step": len(history) + 1, "epochs_used": round(used, 4), "removed": 0, "forced": 0,
                      "mean_score": float(np.mean(np.concatenate(list(means.values())))), "val_accuracy": accuracy}
             if accuracy < floor:
-                back, pending = pending, None
-                forced -= next(h["forced"] for h in reversed(history) if h["action"] == RECOVERING)
-                plans.pop()
-                roll_back(entry, back)
+                roll_back(entry, drop_pending())
                 continue
             pending, unfolded, failures = None, means, 0
             if rate is not None:
@@ -739,10 +744,7 @@ def run_gate(model: nn.Module, example: torch.Tensor, config: GateConfig, env) -
             stop = "ratio"
         checkpoint()
     if pending is not None:  # (the loop leaves an interval for recovery; only a break ends it here): undo it
-        model, pending = pending, None
-        forced -= next(h["forced"] for h in reversed(history) if h["action"] == RECOVERING)
-        plans.pop()
-        unfolded = None
+        model, unfolded = drop_pending(), None
         history.append({"step": len(history) + 1, "epochs_used": round(used, 4), "removed": 0, "forced": 0,
                         "action": "rolled back"})
     if stop is None:

@@ -396,12 +396,19 @@ def test_a_recovered_removal_is_kept_and_the_rate_follows_the_headroom(digits, m
     assert result.target_met and result.ratio["macs"] > 1.2
 
 
+def _vgg_gate(digits, config, train, example, resume=None):
+    """A gate run on the digits VGG sample; returns its result and the resumable states it saved."""
+    import copy
+
+    states = []
+    result = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
+                 train=train, resume=resume, on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    return result, states
+
 
 def test_a_run_resumed_after_accepted_steps_carries_the_rate(digits, monkeypatch):
     """Resuming from the state after a recovered and an accepted removal continues with their rate (not the
     initial one): the resumed run's history and plans equal the uninterrupted run's."""
-    import copy
-
     import dpruner.methods.gate as gate
 
     def accuracy(*args):  # below the floor right after the first removal only
@@ -412,22 +419,17 @@ def test_a_run_resumed_after_accepted_steps_carries_the_rate(digits, monkeypatch
     config = GateConfig(tolerance=0.01, prune_every=0.5, final_fraction=0.25)
     train = TrainConfig(epochs=4, quiet=True)
     example = torch.randn(1, 1, 8, 8)
-    states = []
-    full = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
-               train=train, on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    full, states = _vgg_gate(digits, config, train, example)
     assert [h["action"] for h in full.history][:3] == [gate.RECOVERING, "recovered", "pruned"]
     assert states[2]["progress"]["rate"] == pytest.approx(0.075)
     accuracy.calls = 10  # every later measurement is above the floor, as in the uninterrupted run
-    resumed = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
-                  train=train, resume=states[2])
+    resumed, _ = _vgg_gate(digits, config, train, example, resume=states[2])
     assert resumed.history == full.history and resumed.plans == full.plans
 
 
 def test_a_run_resumed_while_a_removal_recovers_ends_where_the_uninterrupted_one_does(digits, monkeypatch):
     """The state saved during a recovery interval carries the network before the removal: resuming from it and
     rolling back gives the same plans, history and weights as the run that was not interrupted."""
-    import copy
-
     import dpruner.methods.gate as gate
 
     monkeypatch.setattr(gate, "step_accuracy", lambda *args: 0.0)
@@ -436,13 +438,10 @@ def test_a_run_resumed_while_a_removal_recovers_ends_where_the_uninterrupted_one
     # a removal undone at once
     train = TrainConfig(epochs=2.4, quiet=True)
     example = torch.randn(1, 1, 8, 8)
-    states = []
-    full = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
-               train=train, on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    full, states = _vgg_gate(digits, config, train, example)
     assert [h["action"] for h in full.history] == [gate.RECOVERING, "rolled back", "rolled back"]
     assert states[0]["progress"]["pending"] is not None
-    resumed = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
-                  train=train, resume=states[0])
+    resumed, _ = _vgg_gate(digits, config, train, example, resume=states[0])
     assert resumed.plans == full.plans == [] and resumed.history == full.history
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value)
@@ -492,17 +491,12 @@ def test_two_torchrun_ranks_remove_the_same_channels(tmp_path):
 def test_a_resumed_run_ends_where_the_uninterrupted_one_does(digits):
     """States are saved after every interval; resuming from the first gives the same plans, history and weights
     (scorers are seeded, the data stream continues at its position)."""
-    import copy
-
     config = GateConfig(ratio=2.0, prune_every=0.5)
     train = TrainConfig(epochs=3, quiet=True)
     example = torch.randn(1, 1, 8, 8)
-    states = []
-    full = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
-               train=train, on_checkpoint=lambda state: states.append(copy.deepcopy(state)))
+    full, states = _vgg_gate(digits, config, train, example)
     assert len(states) >= 2 and states[0]["method"] == "gate"
-    resumed = run("gate", dpruner.load_model(SAMPLE_MODELS / "digits_vgg.pt"), example, config, data=digits,
-                  train=train, resume=states[0])
+    resumed, _ = _vgg_gate(digits, config, train, example, resume=states[0])
     assert resumed.plans == full.plans and resumed.history == full.history
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value)
